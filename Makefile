@@ -1,0 +1,48 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv if it is
+# missing, install torch only when the interpreter has none (preferring the pinned
+# CPU build, which these machines carry locally, to gigabytes of CUDA packages),
+# build the C++ extension and install the package with its test extras.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.grpo_fast-installed
+
+.PHONY: setup test test-fast demo bench bench-cpu cuda-compile clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip >/dev/null
+
+$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already present: $$($(PY) -c 'import torch; print(torch.__version__)')" \
+	  || $(PIP) install "$(TORCH_SPEC)" || $(PIP) install torch
+	$(PIP) install scikit-build-core pybind11 cmake ninja
+	$(PIP) install --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# quick loop for development: skips the slow trainer runs
+test-fast: setup
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+demo: setup
+	$(VENV)/bin/grpo-fast train
+
+bench: setup
+	$(PY) -m pytest -q bench --benchmark-columns=median,min,max,rounds
+
+# compile the CUDA sources with the local nvcc (no GPU needed): the CI check that they build
+cuda-compile:
+	@command -v nvcc >/dev/null || { echo "nvcc not found: skipping the CUDA compile check"; exit 0; }
+	cmake -S . -B build/cuda-check -G Ninja -DGRPO_FAST_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cuda-check -j 2
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .hypothesis .benchmarks
