@@ -107,6 +107,8 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
     logits, token_ids, lse, entropy = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
+    if grad_entropy is not None and (entropy.numel() == 0 or grad_entropy.numel() == 0):
+        grad_entropy = None  # no entropy was computed (AOT tracing materialises an empty grad)
     if ctx.inplace_grad:
         torch.ops.grpo_fast.token_logprobs_backward_(
             logits, token_ids, lse, entropy, grad_logp, grad_entropy, ctx.temperature

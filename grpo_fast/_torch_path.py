@@ -144,9 +144,10 @@ def token_logprobs_backward(
         c1 = g_lp[rows].unsqueeze(-1)  # (n, 1)
         if has_h:
             # grad = -p * (c1 + c2 * (log p + H)), then + c1 at the chosen token
-            coef = (lp + h_f[rows].unsqueeze(-1)).mul_(g_h[rows].unsqueeze(-1)).add_(c1)
-            # log p = -inf (a -inf logit) has p = 0 and contributes 0, not 0 * inf = NaN
-            coef.nan_to_num_(nan=float("nan"), posinf=0.0, neginf=0.0)
+            # log p = -inf (a -inf logit) has p = 0 and must contribute 0, not 0 * inf = NaN:
+            # clamping log p at -1e30 keeps coef finite there while exp(log p) stays 0
+            coef = torch.clamp(lp, min=-1e30).add_(h_f[rows].unsqueeze(-1))
+            coef.mul_(g_h[rows].unsqueeze(-1)).add_(c1)
             grad = lp.exp_().mul_(coef).neg_()
         else:
             grad = lp.exp_().mul_(c1).neg_()  # -p * c1
