@@ -57,16 +57,8 @@ def _blocks(*tensors: torch.Tensor) -> Iterator[Tuple[slice, Tuple[torch.Tensor,
                 yield slice(b * T + t0, b * T + t1), tuple(t[b, t0:t1] for t in tensors)
 
 
-def _scaled(block: torch.Tensor, temperature: float, dtype: torch.dtype) -> Tuple[torch.Tensor, bool]:
-    """z = block / temperature in `dtype`; the bool says whether z is a fresh buffer we own."""
-    if block.dtype == dtype:
-        if temperature == 1.0:
-            return block, False
-        return block / temperature, True
-    z = block.to(dtype)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z, True
+def _as_compute(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return block if block.dtype == dtype else block.to(dtype)
 
 
 def token_logprobs_forward(
@@ -74,35 +66,38 @@ def token_logprobs_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B,T,V), (B,T) -> logp, lse, entropy (B,T) in float32 (float64 for float64 logits).
 
-    entropy is an empty (0,) tensor when with_entropy is False.
+    entropy is an empty (0,) tensor when with_entropy is False. The temperature is
+    folded into the shifted exponent, exp((x - max) / temperature), so there is no
+    separate division pass.
     """
     B, T, V = logits.shape
     dtype = compute_dtype(logits)
+    inv_t = 1.0 / temperature
     logp = torch.empty(B * T, dtype=dtype, device=logits.device)
     lse = torch.empty(B * T, dtype=dtype, device=logits.device)
     ent = torch.empty(B * T if with_entropy else 0, dtype=dtype, device=logits.device)
     ids = token_ids.reshape(B * T)
     for rows, (block,) in _blocks(logits):
-        z, _ = _scaled(block, temperature, dtype)  # (n, V)
-        m = z.amax(dim=-1, keepdim=True)  # (n, 1)
+        x = _as_compute(block, dtype)  # (n, V) a view for float32 logits, a copy for half
+        m = x.amax(dim=-1, keepdim=True).mul_(inv_t)  # (n, 1) max of z = x / temperature
         # a row of all -inf has max -inf; shift by 0 there so it gives lse = -inf, not NaN
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        e = torch.exp(z - m)  # (n, V) the one big temporary
+        e = torch.add(-m, x, alpha=inv_t).exp_()  # (n, V) exp(z - m): the one big temporary
         s = e.sum(dim=-1, keepdim=True)
         block_lse = m + torch.log(s)  # (n, 1)
         lse[rows] = block_lse.squeeze(-1)
         idx = ids[rows].unsqueeze(-1)
-        logp[rows] = (z.gather(-1, idx) - block_lse).squeeze(-1)
+        logp[rows] = (x.gather(-1, idx) * inv_t - block_lse).squeeze(-1)
         if with_entropy:
             # H = lse - sum(p * z), with p = e / s; a row-wise dot avoids another (n, V) buffer
-            pz = torch.linalg.vecdot(e, z)
+            pz = torch.linalg.vecdot(e, x)
             bad = torch.isnan(pz)
             if bool(bad.any()):
-                # z = -inf entries have p = 0 and add 0 (the limit of p * z), not 0 * -inf = NaN;
+                # x = -inf entries have p = 0 and add 0 (the limit of p * z), not 0 * -inf = NaN;
                 # redo only those rows (rows with NaN logits stay NaN)
-                zb = z[bad]
-                pz[bad] = torch.linalg.vecdot(e[bad], torch.where(torch.isneginf(zb), 0.0, zb))
-            ent[rows] = block_lse.squeeze(-1) - pz / s.squeeze(-1)
+                xb = x[bad]
+                pz[bad] = torch.linalg.vecdot(e[bad], torch.where(torch.isneginf(xb), 0.0, xb))
+            ent[rows] = block_lse.squeeze(-1) - pz * inv_t / s.squeeze(-1)
     return logp.view(B, T), lse.view(B, T), (ent.view(B, T) if with_entropy else ent)
 
 
@@ -121,36 +116,31 @@ def token_logprobs_backward(
     dtype = compute_dtype(logits)
     inv_t = 1.0 / temperature
     ids = token_ids.reshape(B * T)
-    lse_f = lse.reshape(B * T).to(dtype)
-    g_lp = grad_logp.reshape(B * T).to(dtype) * inv_t
+    neg_lse = -lse.reshape(B * T, 1).to(dtype)
+    g_lp = grad_logp.reshape(B * T, 1).to(dtype) * inv_t  # dL/dlogit carries 1 / temperature
     has_h = grad_entropy is not None
     if has_h:
-        g_h = grad_entropy.reshape(B * T).to(dtype) * inv_t
-        h_f = entropy.reshape(B * T).to(dtype)
+        g_h = grad_entropy.reshape(B * T, 1).to(dtype) * inv_t
+        h_f = entropy.reshape(B * T, 1).to(dtype)
     pairs = _blocks(logits) if out is logits else _blocks(logits, out)
     for rows, views in pairs:
         block, dst = views[0], views[-1]
+        c1 = g_lp[rows]  # (n, 1)
+        # log p = x / temperature - lse, written straight into the destination when it
+        # has the compute dtype (also in place into float32 logits), else a block buffer
         if dst.dtype == dtype:
-            work = dst  # compute the gradient right in the destination
-            if dst is not block:
-                work.copy_(block)
-            if temperature != 1.0:
-                work.div_(temperature)
+            lp = torch.add(neg_lse[rows], block, alpha=inv_t, out=dst) if dst is not block \
+                else block.mul_(inv_t).add_(neg_lse[rows])
         else:
-            work, _ = _scaled(block, temperature, dtype)
-            if work is block:  # cannot happen (dtypes differ), kept for clarity
-                work = work.clone()
-        lp = work.sub_(lse_f[rows].unsqueeze(-1))  # (n, V) log p
-        c1 = g_lp[rows].unsqueeze(-1)  # (n, 1)
+            lp = torch.add(neg_lse[rows], _as_compute(block, dtype), alpha=inv_t)
         if has_h:
-            # grad = -p * (c1 + c2 * (log p + H)), then + c1 at the chosen token
+            # grad = -p * (c1 + c2 * (log p + H)), then + c1 at the chosen token.
             # log p = -inf (a -inf logit) has p = 0 and must contribute 0, not 0 * inf = NaN:
-            # clamping log p at -1e30 keeps coef finite there while exp(log p) stays 0
-            coef = torch.clamp(lp, min=-1e30).add_(h_f[rows].unsqueeze(-1))
-            coef.mul_(g_h[rows].unsqueeze(-1)).add_(c1)
-            grad = lp.exp_().mul_(coef).neg_()
+            # clamping log p at -1e30 keeps the factor finite there while exp(log p) stays 0
+            coef = torch.clamp(lp, min=-1e30).add_(h_f[rows]).mul_(-g_h[rows]).sub_(c1)
+            grad = lp.exp_().mul_(coef)
         else:
-            grad = lp.exp_().mul_(c1).neg_()  # -p * c1
+            grad = lp.exp_().mul_(-c1)  # -p * c1
         grad.scatter_add_(-1, ids[rows].unsqueeze(-1), c1)
         if grad is not dst:
             dst.copy_(grad)
