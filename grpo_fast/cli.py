@@ -1,0 +1,235 @@
+"""Command line: `grpo-fast train` and `grpo-fast plot`.
+
+    grpo-fast train                                  # the built-in demo task, offline, a few minutes on CPU
+    grpo-fast train --config run.yaml --max_steps 200 --learning_rate 1e-6
+    grpo-fast train --algorithm grpo --model ./my-model --dataset_path prompts.jsonl \\
+                    --reward_funcs accuracy format --reward_weights 1.0 0.2
+    grpo-fast plot runs/demo                         # PNGs of the metric curves into runs/demo/plots
+
+Every field of the algorithm's config is an option (--FIELD VALUE; booleans also as a bare --FIELD);
+command-line values override the YAML file, which overrides the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import typing
+from typing import Any, Dict, List, Optional
+
+# algorithm -> (module, config class, trainer class); PPO / TRPO live in their own modules
+ALGORITHMS = {
+    "grpo": ("grpo_fast.trainer", "GRPOConfig", "GRPOTrainer"),
+    "ppo": ("grpo_fast.ppo", "PPOConfig", "PPOTrainer"),
+    "trpo": ("grpo_fast.trpo", "TRPOConfig", "TRPOTrainer"),
+}
+
+BUILTIN_REWARDS = {
+    "accuracy": "accuracy_reward",
+    "format": "format_reward",
+    "boxed_format": "boxed_format_reward",
+}
+
+
+class CLIError(Exception):
+    pass
+
+
+def load_algorithm(name: str):
+    """(config class, trainer class) of an algorithm; a clear error when it is not there yet."""
+    if name not in ALGORITHMS:
+        raise CLIError(f"--algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
+    module, cfg_name, trainer_name = ALGORITHMS[name]
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, cfg_name), getattr(mod, trainer_name)
+    except (ImportError, AttributeError) as e:
+        if isinstance(e, ImportError) and e.name not in (None, module):
+            raise  # the module exists but something it needs is missing: show the real error
+        raise CLIError(f"--algorithm {name}: not implemented yet ({module}.{trainer_name} is not available)") from None
+
+
+def _field_parser(config_cls) -> argparse.ArgumentParser:
+    from .trainer.config import RLConfig  # noqa: F401  (config classes share the RLConfig helpers)
+
+    p = argparse.ArgumentParser(prog="grpo-fast train", add_help=False, argument_default=argparse.SUPPRESS)
+    docs = config_cls.field_help()
+    hints = typing.get_type_hints(config_cls)
+    for name in config_cls.field_names():
+        hint = hints[name]
+        args = typing.get_args(hint)
+        base = [a for a in args if a is not type(None)][0] if typing.get_origin(hint) is typing.Union else hint
+        flags = [f"--{name}"] + (["--model"] if name == "model_name_or_path" else [])
+        kwargs: Dict[str, Any] = {"help": docs.get(name, ""), "dest": name}
+        if base is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif typing.get_origin(base) in (list, List):
+            kwargs.update(nargs="+", metavar="VALUE")
+        elif typing.get_origin(base) in (dict, Dict):
+            kwargs.update(metavar="JSON")
+        else:
+            kwargs.update(metavar=getattr(base, "__name__", "VALUE").upper())
+        p.add_argument(*flags, **kwargs)
+    return p
+
+
+def parse_train_args(argv: List[str]):
+    """-> (algorithm, config class, trainer class, dict of values from YAML + command line)."""
+    pre = argparse.ArgumentParser(prog="grpo-fast train", add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--algorithm", default=None)
+    pre.add_argument("-h", "--help", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    values: Dict[str, Any] = {}
+    if known.config:
+        import yaml
+
+        with open(known.config) as fh:
+            values = yaml.safe_load(fh) or {}
+        if not isinstance(values, dict):
+            raise CLIError(f"{known.config}: expected a mapping of field: value")
+    algorithm = known.algorithm or values.pop("algorithm", None) or "grpo"
+    values.pop("algorithm", None)
+    config_cls, trainer_cls = load_algorithm(algorithm)
+    fields = _field_parser(config_cls)
+    if known.help:
+        full = argparse.ArgumentParser(prog="grpo-fast train", parents=[fields],
+                                       description="Train a causal LM with RL. Without --model: the built-in demo.")
+        full.add_argument("--config", help="YAML file of field: value pairs")
+        full.add_argument("--algorithm", help=f"one of {', '.join(ALGORITHMS)} (default grpo)")
+        full.print_help()
+        raise SystemExit(0)
+    ns, unknown = fields.parse_known_args(rest)
+    if unknown:
+        import difflib
+
+        bad = [u for u in unknown if u.startswith("--")] or unknown
+        hints = []
+        for u in bad:
+            close = difflib.get_close_matches(u.lstrip("-"), config_cls.field_names(), n=1)
+            hints.append(u + (f" (did you mean --{close[0]}?)" if close else ""))
+        raise CLIError(f"unknown option(s) for {config_cls.__name__}: {', '.join(hints)}")
+    values.update(vars(ns))
+    return algorithm, config_cls, trainer_cls, values
+
+
+def _load_dataset(path: str):
+    if os.path.isdir(path):
+        from datasets import load_from_disk
+
+        return load_from_disk(path)
+    with open(path) as fh:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in fh if line.strip()]
+        data = json.load(fh)
+    if isinstance(data, dict) and "prompt" in data:  # column-oriented
+        keys = list(data)
+        return [dict(zip(keys, row)) for row in zip(*(data[k] for k in keys))]
+    return data
+
+
+def _load_reward(spec: str):
+    from . import rewards
+
+    if spec in BUILTIN_REWARDS:
+        return getattr(rewards, BUILTIN_REWARDS[spec])
+    if os.path.isdir(spec):
+        return rewards.RewardModel(spec)
+    if ":" in spec:
+        module, attr = spec.split(":", 1)
+        if module.endswith(".py"):
+            import importlib.util
+
+            s = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], module)
+            mod = importlib.util.module_from_spec(s)
+            s.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(module)
+        return getattr(mod, attr)
+    raise CLIError(f"--reward_funcs {spec!r}: expected a built-in name ({', '.join(BUILTIN_REWARDS)}), "
+                   "module:function, path/to/file.py:function, or a reward-model directory")
+
+
+def cmd_train(argv: List[str]) -> int:
+    from .trainer.config import ConfigError
+
+    algorithm, config_cls, trainer_cls, values = parse_train_args(argv)
+    if values.get("model_name_or_path") is None:
+        from . import demo
+
+        defaults = {k: v for k, v in demo.demo_config_defaults().items() if k in config_cls.field_names()}
+        defaults.update(values)
+        config = config_cls.from_dict(defaults, source="command line")
+        print(f"[grpo-fast] no --model given: running the built-in demo task ({algorithm}) into {config.output_dir}")
+        demo.run_demo(config, trainer_cls=trainer_cls)
+        return 0
+    config = config_cls.from_dict(values, source="command line")
+    if not config.dataset_path:
+        raise ConfigError("dataset_path: needed with --model (a .json/.jsonl file or a datasets directory)")
+    if not config.reward_funcs:
+        raise ConfigError("reward_funcs: needed with --model (e.g. --reward_funcs accuracy format)")
+    data = _load_dataset(config.dataset_path)
+    funcs = [_load_reward(s) for s in config.reward_funcs]
+    t0 = time.perf_counter()
+    trainer = trainer_cls(config.model_name_or_path, funcs, data, config=config)
+    history = trainer.train()
+    rewards = [h["reward"] for h in history if h.get("reward") is not None]
+    if rewards:
+        print(f"[grpo-fast] reward {rewards[0]:.3f} -> {rewards[-1]:.3f} over {trainer.global_step} steps "
+              f"in {time.perf_counter() - t0:.0f}s; metrics {trainer.metrics_path}; model {trainer.final_dir}")
+    return 0
+
+
+def cmd_plot(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast plot", description="PNG plots of RUN_DIR/metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")
+    a = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(a.run_dir, "metrics.jsonl")):
+        raise CLIError(f"{a.run_dir}: no metrics.jsonl there")
+    from .plot import plot_run
+
+    paths = plot_run(a.run_dir, a.out)
+    print(f"[grpo-fast] wrote {len(paths)} plots to {os.path.dirname(paths[0]) if paths else a.out}")
+    return 0
+
+
+USAGE = """usage: grpo-fast {train,plot} ...
+
+  train [--config FILE.yaml] [--algorithm grpo|ppo|trpo] [--FIELD VALUE ...]
+        train a model (no --model: the built-in demo task); `grpo-fast train --help` lists the fields
+  plot RUN_DIR [--out DIR]
+        write PNG plots of RUN_DIR/metrics.jsonl
+"""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .trainer.base import RewardFunctionError
+    from .trainer.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "train":
+            return cmd_train(rest)
+        if cmd == "plot":
+            return cmd_plot(rest)
+        if cmd in ("-h", "--help", "help"):
+            print(USAGE)
+            return 0
+        raise CLIError(f"unknown command {cmd!r}\n{USAGE}")
+    except (CLIError, ConfigError) as e:
+        print(f"grpo-fast: error: {e}", file=sys.stderr)
+        return 2
+    except RewardFunctionError as e:
+        print(f"grpo-fast: training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Reward functions.
+
+Every reward has TRL's signature::
+
+    f(prompts, completions, completion_ids, **columns) -> list[float | None]
+
+`prompts` and `completions` are strings (or chat message lists for conversational data),
+`completion_ids` lists of token ids, and every other dataset column arrives as a keyword
+list aligned with the completions. `None` means "no reward for this sample": the trainer
+leaves it out of the group statistics and gives it advantage 0.
+
+Ready-made rule rewards in the style of DeepSeekMath / DeepSeek-R1:
+    accuracy_reward  -- 1.0 when the final answer (\\boxed{...}, <answer>...</answer>, or the
+                        last number) equals the `answer` / `solution` column, compared numerically
+    format_reward    -- 1.0 when the completion has the <think>...</think><answer>...</answer> shape
+    boxed_format_reward -- 1.0 when the completion has a \\boxed{...} answer
+and `RewardModel`, a sequence-classification model used as a reward function.
+"""
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+from typing import Any, List, Optional, Sequence
+
+__all__ = [
+    "accuracy_reward", "format_reward", "boxed_format_reward", "make_format_reward",
+    "extract_boxed", "extract_final_number", "extract_answer", "parse_number", "answers_match",
+    "RewardModel",
+]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_FRAC = re.compile(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def _text(x: Any) -> str:
+    """Completion text: a string, or the content of the last message of a chat completion."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        return str(x.get("content", ""))
+    if isinstance(x, (list, tuple)) and x:
+        return _text(x[-1])
+    return "" if x is None else str(x)
+
+
+def extract_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        i = text.find("{", start)
+        if i == -1:
+            return None
+        depth, j = 0, i
+        while j < len(text):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1 : j].strip()
+            j += 1
+        start = text.rfind("\\boxed", 0, start)  # unbalanced: try an earlier one
+    return None
+
+
+def extract_final_number(text: str) -> Optional[str]:
+    """The last number in `text` ("1,234", "-3.5", "3/4" count), or None."""
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer: \\boxed{} first, then <answer></answer>, then the last number."""
+    text = _text(text)
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        return tagged[-1].strip()
+    return extract_final_number(text)
+
+
+def parse_number(s: Any) -> Optional[float]:
+    """A float from "42", "1,000", "-3.5", "3/4", "\\frac{3}{4}", "$5", "50\\%"; None if not a number."""
+    if s is None:
+        return None
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return float(s)
+    t = str(s).strip()
+    t = _FRAC.sub(r"(\1)/(\2)", t)
+    for junk in ("$", "\\$", "\\%", "%", "\\!", "\\,", " ", "{", "}", "\\text"):
+        t = t.replace(junk, "")
+    t = t.replace(",", "").strip().rstrip(".")
+    t = t.replace("(", "").replace(")", "")
+    if not t:
+        return None
+    try:
+        if "/" in t:
+            num, den = t.split("/", 1)
+            return float(Fraction(num) / Fraction(den))
+        return float(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(predicted: Optional[str], reference: Any, *, rel_tol: float = 1e-6) -> bool:
+    """Numeric comparison when both parse as numbers, else a whitespace-insensitive string match."""
+    if predicted is None or reference is None:
+        return False
+    ref = str(reference)
+    ref_boxed = extract_boxed(ref)
+    if ref_boxed is not None:
+        ref = ref_boxed
+    a, b = parse_number(predicted), parse_number(ref)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+    if b is not None and a is None:
+        # the reference is a number but the prediction is an expression: use its final number
+        a = parse_number(extract_final_number(predicted))
+        return a is not None and math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+    norm = lambda x: re.sub(r"\s+", "", x).lower()  # noqa: E731
+    return norm(predicted) == norm(ref)
+
+
+def accuracy_reward(prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, *,
+                    answer: Optional[Sequence[Any]] = None, solution: Optional[Sequence[Any]] = None,
+                    **columns) -> List[Optional[float]]:
+    """1.0 when the completion's final answer equals the reference answer, else 0.0.
+
+    The reference comes from the `answer` column (or `solution`, TRL's name); a sample whose
+    reference is missing gets None (no reward).
+    """
+    refs = answer if answer is not None else solution
+    if refs is None:
+        raise ValueError("accuracy_reward needs an 'answer' (or 'solution') column in the dataset")
+    out: List[Optional[float]] = []
+    for completion, ref in zip(completions, refs):
+        if ref is None or (isinstance(ref, float) and math.isnan(ref)):
+            out.append(None)
+            continue
+        out.append(1.0 if answers_match(extract_answer(completion), ref) else 0.0)
+    return out
+
+
+THINK_ANSWER = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
+
+
+def make_format_reward(pattern: str = THINK_ANSWER, name: str = "format_reward"):
+    """A reward that is 1.0 when the whole completion matches `pattern` (re.DOTALL), else 0.0."""
+    regex = re.compile(pattern, re.DOTALL)
+
+    def reward(prompts, completions, completion_ids=None, **columns) -> List[float]:
+        return [1.0 if regex.match(_text(c)) else 0.0 for c in completions]
+
+    reward.__name__ = name
+    reward.__qualname__ = name
+    return reward
+
+
+format_reward = make_format_reward(THINK_ANSWER, "format_reward")
+format_reward.__doc__ = "1.0 when the completion is <think>...</think><answer>...</answer> (DeepSeek-R1's format)."
+
+
+def boxed_format_reward(prompts, completions, completion_ids=None, **columns) -> List[float]:
+    """1.0 when the completion states its answer in \\boxed{...}, else 0.0."""
+    return [1.0 if extract_boxed(_text(c)) is not None else 0.0 for c in completions]
+
+
+class RewardModel:
+    """A sequence-classification model as a reward function: the score is logit 0 of prompt + completion.
+
+    `model` is an AutoModelForSequenceClassification instance (or a local path), `tokenizer`
+    its tokenizer. Conversational samples are rendered with the tokenizer's chat template.
+    """
+
+    def __init__(self, model, tokenizer=None, *, batch_size: int = 32, max_length: Optional[int] = None):
+        if isinstance(model, str):
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            path = model
+            model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer is None:
+            raise ValueError("RewardModel needs the reward model's tokenizer")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.__name__ = f"reward_model[{name.rstrip('/').split('/')[-1] or type(model).__name__}]"
+
+    def _render(self, prompt, completion) -> str:
+        if isinstance(prompt, list):  # chat messages
+            messages = list(prompt) + (completion if isinstance(completion, list)
+                                       else [{"role": "assistant", "content": _text(completion)}])
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return _text(prompt) + _text(completion)
+
+    def __call__(self, prompts, completions, completion_ids=None, **columns) -> List[float]:
+        import torch
+
+        texts = [self._render(p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        scores: List[float] = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                                     truncation=self.max_length is not None, max_length=self.max_length,
+                                     add_special_tokens=True).to(device)
+                logits = self.model(**enc).logits  # (b, num_labels)
+                scores.extend(logits[:, 0].float().tolist())
+        return scores

@@ -1,0 +1,168 @@
+"""Atomic checkpoints: model (save_pretrained), tokenizer, optimiser, scheduler, RNG states, step,
+sampler state, metrics history and config.
+
+A checkpoint is written into a temporary sibling directory, every file is fsynced, and only
+then is the directory renamed to checkpoint-N (rename is atomic on POSIX). A process killed
+during a save leaves a `.tmp-*` directory that loaders ignore, and the previous checkpoint
+untouched. A directory counts as a checkpoint only when it holds trainer_state.pt.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: str) -> None:
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """Hide transformers' per-save progress bars (they would break the training bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def save_checkpoint(output_dir: str, step: int, model, tokenizer, state: Dict[str, Any],
+                    save_total_limit: Optional[int] = None) -> str:
+    """Write OUTPUT_DIR/checkpoint-STEP atomically; returns its path."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):  # leftovers of saves that were killed
+        if name.startswith(".tmp-checkpoint-") or name.startswith(".old-checkpoint-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
+    os.makedirs(tmp)
+    with quiet_progress():
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    _fsync_tree(tmp)
+    old = None
+    if os.path.exists(final):  # re-saving a step (e.g. after a resume): swap, then delete
+        old = os.path.join(output_dir, f".old-checkpoint-{step}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if save_total_limit:
+        for path in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str):
+    """Complete checkpoints in output_dir, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CKPT.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(spec: Optional[str], output_dir: str) -> Optional[str]:
+    """'latest' / 'true' -> newest checkpoint in output_dir (None if there is none); else the path."""
+    if spec is None or str(spec).lower() in ("", "false", "none"):
+        return None
+    if str(spec).lower() in ("latest", "true", "last"):
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(spec, STATE_FILE)):
+        raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no {STATE_FILE} there (not a complete checkpoint)")
+    return spec
+
+
+def load_model_weights(model, path: str) -> None:
+    """Load the weights that save_pretrained wrote in `path` into `model`, exactly."""
+    from safetensors.torch import load_file
+
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        return
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        state = load_file(single)
+    else:
+        import json
+
+        with open(os.path.join(path, "model.safetensors.index.json")) as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(path, shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    bad = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if unexpected or bad:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {bad[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    # our own file, holding numpy / python RNG states: not weights-only
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)

@@ -1,0 +1,368 @@
+"""Trainer configuration: one dataclass per algorithm, one docstring line per field.
+
+Names follow TRL's GRPOConfig / TrainingArguments wherever TRL has the field, with the same
+meaning. `RLConfig` holds what every algorithm shares (model, data, optimiser, rollout,
+logging, checkpoints); `GRPOConfig` adds the GRPO update. PPO / TRPO configs subclass RLConfig.
+
+Batch sizes (as in TRL): `per_device_train_batch_size` counts *completions* per micro-batch;
+one optimiser step uses `gradient_accumulation_steps` micro-batches, so one step samples
+per_device_train_batch_size * gradient_accumulation_steps / num_generations prompts.
+One step is one rollout followed by `num_iterations` optimiser updates on it (TRL counts each
+of those updates as a step; the two agree at the default num_iterations = 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ["ConfigError", "RLConfig", "GRPOConfig"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+def _field_doc(cls, name: str) -> str:
+    return cls._DOCS.get(name, "")
+
+
+@dataclass
+class RLConfig:
+    # --- model
+    model_name_or_path: Optional[str] = None
+    """Model to train: a local directory or hub id loaded with from_pretrained (local files only); None in the CLI = the built-in demo."""
+    dtype: str = "float32"
+    """Parameter dtype when the trainer loads the model: float32, bfloat16, float16 or auto."""
+    model_init_kwargs: Optional[Dict[str, Any]] = None
+    """Extra keyword arguments for from_pretrained when the model is given by name."""
+    device: Optional[str] = None
+    """Device to train on (cpu, cuda, cuda:1); None = cuda when available, else cpu."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    disable_dropout: bool = False
+    """Set every dropout probability of the policy (and reference) to 0."""
+    # --- data and rewards (used by the CLI; the Python API takes objects)
+    dataset_path: Optional[str] = None
+    """CLI: training prompts, a .json/.jsonl file or a datasets.save_to_disk directory, with a 'prompt' column."""
+    reward_funcs: Optional[List[str]] = None
+    """CLI: reward functions as 'module:function', built-in names (accuracy, format, boxed_format) or a reward model directory."""
+    reward_weights: Optional[List[float]] = None
+    """Weight of each reward function in the total reward (default 1.0 each)."""
+    shuffle_dataset: bool = True
+    """Shuffle the prompts each epoch (with a seed derived from `seed` and the epoch)."""
+    # --- optimisation
+    seed: int = 42
+    """Seed of every random number generator (data order, sampling, dropout, initialisation)."""
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warm-up: constant, linear (to 0) or cosine (to 0)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warm-up from 0 to learning_rate."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all optimiser steps (used when warmup_steps is 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 or less: no clipping)."""
+    max_steps: int = 500
+    """Number of training steps (one rollout + its updates each)."""
+    per_device_train_batch_size: int = 8
+    """Completions per micro-batch (as in TRL, not prompts); a multiple of num_generations when gradient_accumulation_steps is 1."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimiser step."""
+    # --- rollout
+    max_prompt_length: Optional[int] = 512
+    """Prompts longer than this many tokens keep their last max_prompt_length tokens (None: no limit)."""
+    max_completion_length: int = 256
+    """Maximum number of generated tokens per completion."""
+    temperature: float = 1.0
+    """Sampling temperature; the loss uses the same temperature for the log-probabilities (as TRL)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability."""
+    top_k: int = 0
+    """Keep only the top_k most likely tokens when sampling (0: no limit)."""
+    min_p: Optional[float] = None
+    """Minimum token probability relative to the most likely one (None: off)."""
+    repetition_penalty: float = 1.0
+    """Repetition penalty of generate (1.0: none)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length without EOS out of the loss."""
+    # --- logging and checkpoints
+    output_dir: str = "runs/grpo"
+    """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
+    logging_steps: int = 1
+    """Log metrics (JSONL, TensorBoard, progress bar) every this many steps."""
+    report_to: str = "tensorboard"
+    """Extra logger besides the JSONL file: tensorboard (used only when installed) or none."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+    save_steps: int = 500
+    """Write a checkpoint every this many steps (and always at the end); 0: only at the end."""
+    save_total_limit: Optional[int] = None
+    """Keep only the newest this many checkpoints (None: keep all)."""
+    save_final_model: bool = True
+    """Write the trained model (save_pretrained) and tokenizer to OUTPUT_DIR/final."""
+    resume_from_checkpoint: Optional[str] = None
+    """Resume from this checkpoint directory, or 'latest' for the newest one in output_dir."""
+    plot: bool = True
+    """Write PNG plots of the metric curves to OUTPUT_DIR/plots at the end."""
+
+    _CHOICES = {
+        "dtype": ("float32", "bfloat16", "float16", "auto"),
+        "lr_scheduler_type": ("constant", "linear", "cosine"),
+        "report_to": ("tensorboard", "none"),
+    }
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(self._hints()[f.name], getattr(self, f.name), f.name))
+        self.validate()
+
+    @classmethod
+    def _hints(cls) -> Dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        for name, choices in self._CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+        positive = ["learning_rate", "max_steps", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "max_completion_length", "temperature", "logging_steps"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        if self.max_prompt_length is not None and self.max_prompt_length <= 0:
+            raise ConfigError(f"max_prompt_length={self.max_prompt_length!r}: must be > 0 or None")
+        for name in ("warmup_steps", "save_steps", "top_k", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit={self.save_total_limit!r}: must be >= 1 or None")
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_help(cls) -> Dict[str, str]:
+        """Field -> its docstring line (read from the source, so the docs live in one place)."""
+        import ast
+        import inspect
+
+        docs: Dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            if not dataclasses.is_dataclass(klass):
+                continue
+            try:
+                tree = ast.parse(inspect.getsource(klass).lstrip())
+            except (OSError, TypeError, SyntaxError):
+                continue
+            body = tree.body[0].body
+            for stmt, nxt in zip(body, body[1:]):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                        and isinstance(nxt.value.value, str)):
+                    docs[stmt.target.id] = nxt.value.value.strip()
+        return docs
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], *, source: str = "config"):
+        """Build from a dict; unknown keys raise ConfigError naming them (with a suggestion)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of field: value, got {type(values).__name__}")
+        known = cls.field_names()
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            parts = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), known, n=1)
+                parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{source}: unknown field(s) for {cls.__name__}: {', '.join(parts)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        """Load a YAML file of field: value pairs; `overrides` win. Bad fields raise ConfigError."""
+        import yaml
+
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of field: value")
+        values.pop("algorithm", None)  # read by the CLI to pick the config class
+        values.update(overrides)
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str) -> None:
+        import yaml
+
+        with open(path, "w") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Configuration of GRPOTrainer (TRL's GRPOConfig names and meanings)."""
+
+    output_dir: str = "runs/grpo"
+    """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
+    num_generations: int = 8
+    """G: completions sampled per prompt (the group whose rewards are compared)."""
+    num_iterations: int = 1
+    """Optimiser updates per rollout (mu in the GRPO paper); > 1 keeps the rollout's log-probs as old_logps."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the reference model (0: no reference model is kept)."""
+    kl_estimator: str = "k3"
+    """KL estimator of the penalty: k1, k2 or k3 (Schulman's; TRL uses k3)."""
+    epsilon: float = 0.2
+    """Lower clip range of the importance ratio: rho >= 1 - epsilon."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range, rho <= 1 + epsilon_high (DAPO's clip-higher); None = epsilon."""
+    delta: Optional[float] = None
+    """Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon); None: off."""
+    loss_type: str = "dapo"
+    """Loss reduction: grpo (per sequence), bnpo (per batch token), dr_grpo (/ B*max_completion_length), dapo (per token over the accumulated batch)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group (std of the group), batch (std of the batch) or none (Dr. GRPO); true/false = group/none."""
+    advantage_estimator: str = "grpo"
+    """Baseline: grpo (group mean) or rloo (mean of the other group members)."""
+    importance_sampling_level: str = "token"
+    """Importance ratios per token (GRPO) or per sequence (GSPO)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: none)."""
+
+    _CHOICES = dict(RLConfig._CHOICES, **{
+        "kl_estimator": ("k1", "k2", "k3"),
+        "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+        "scale_rewards": ("group", "batch", "none"),
+        "advantage_estimator": ("grpo", "rloo"),
+        "importance_sampling_level": ("token", "sequence"),
+    })
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):  # TRL's older boolean form
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        elif isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
+            self.scale_rewards = "group" if self.scale_rewards.lower() == "true" else "none"
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations}: must be >= 2 (a group needs two samples)")
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ConfigError(
+                f"per_device_train_batch_size * gradient_accumulation_steps = {completions} completions per "
+                f"step is not a multiple of num_generations={self.num_generations}")
+        if self.num_iterations < 1:
+            raise ConfigError(f"num_iterations={self.num_iterations}: must be >= 1")
+        if self.beta < 0:
+            raise ConfigError(f"beta={self.beta}: must be >= 0")
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError(f"epsilon={self.epsilon}: must be in [0, 1)")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high={self.epsilon_high}: must be >= 0")
+        if self.delta is not None and self.delta <= 1 + self.epsilon:
+            raise ConfigError(f"delta={self.delta}: must be > 1 + epsilon = {1 + self.epsilon}")
+        if self.reward_weights is not None and self.reward_funcs is not None \
+                and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs "
+                              f"has {len(self.reward_funcs)}")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
+
+
+# --------------------------------------------------------------------------- coercion
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _coerce(hint, value, name: str):
+    """Convert YAML / command-line values (often strings) to the field's type, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{name}: may not be None")
+        return _coerce(inner[0], value, name)
+    if hint is Any:
+        return value
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin in (list, List):
+            (item,) = args or (Any,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return [_coerce(item, v.strip() if isinstance(v, str) else v, name) for v in value]
+        if origin in (dict, Dict):
+            if isinstance(value, str):
+                import json
+
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError):
+        tname = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{name}={value!r}: expected {tname}") from None
+    return value
