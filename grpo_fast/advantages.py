@@ -202,7 +202,7 @@ def _check_unit(name: str, x) -> float:
 
 def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
                      group_offsets: Optional[torch.Tensor] = None, estimator: str = "grpo",
-                     scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+                     scale: Optional[str] = None, eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages of GRPO / RLOO, one C++ (or CUDA) pass.
 
     Args:
@@ -220,7 +220,9 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
         scale: the divisor of the centred reward: "group" = std of the group,
             "batch" = std of all non-NaN rewards of the batch (the mean stays the
             group's, as TRL's scale_rewards="batch"), "none" = no division (Dr. GRPO).
-            Applies to both estimators; pure RLOO is estimator="rloo", scale="none".
+            None (default) means "group" for grpo and "none" for rloo, so each
+            estimator's default is its textbook form (DESIGN.md); an explicit scale
+            applies to either estimator.
         eps: added to the std (>= 0).
 
     Returns:
@@ -263,6 +265,8 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(map(repr, _ESTIMATORS))}, "
                          f"got {estimator!r}")
+    if scale is None:
+        scale = "none" if estimator == "rloo" else "group"
     if scale not in _SCALES:
         raise ValueError(f"scale must be one of {', '.join(map(repr, _SCALES))}, got {scale!r}")
     if type(eps) is not float:

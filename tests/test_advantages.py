@@ -290,3 +290,13 @@ def test_torch_compile_fullgraph(device):
 
 def test_has_cuda_is_a_bool():
     assert isinstance(_C.has_cuda(), bool)
+
+
+def test_default_scale_follows_the_estimator():
+    """scale=None: grpo divides by the group std, rloo is plain leave-one-out (DESIGN.md)."""
+    r = torch.tensor([1.0, 2.0, 4.0, 0.0, 0.0, 3.0])
+    loo = group_advantages(r, 3, estimator="rloo")
+    want = [1.0 - 3.0, 2.0 - 2.5, 4.0 - 1.5, 0.0 - 1.5, 0.0 - 1.5, 3.0 - 0.0]
+    assert torch.allclose(loo, torch.tensor(want))
+    assert torch.equal(group_advantages(r, 3), group_advantages(r, 3, scale="group"))
+    assert torch.equal(loo, group_advantages(r, 3, estimator="rloo", scale="none"))
