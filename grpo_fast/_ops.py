@@ -28,18 +28,31 @@ def _kernels_for(logits: Tensor):
     return _torch_path
 
 
+def _window(logits: Tensor, t_start: int, t_len: int) -> Tensor:
+    """The (B, t_len, V) positions the op works on; t_len < 0 means all of them."""
+    if t_start == 0 and (t_len < 0 or t_len == logits.shape[1]):
+        return logits
+    return logits[:, t_start:t_start + t_len]
+
+
 @torch.library.custom_op("grpo_fast::token_logprobs", mutates_args=())
 def token_logprobs(
-    logits: Tensor, token_ids: Tensor, temperature: float, with_entropy: bool, inplace_grad: bool
+    logits: Tensor, token_ids: Tensor, temperature: float, with_entropy: bool, inplace_grad: bool,
+    t_start: int = 0, t_len: int = -1,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    # inplace_grad only matters to the backward; it is an argument so autograd can see it
+    # Works on logits[:, t_start:t_start + t_len]. Taking the whole tensor plus a window
+    # (instead of a sliced view) lets the backward return a gradient of the whole tensor:
+    # autograd's SliceBackward would otherwise allocate a second logits-sized buffer.
+    # inplace_grad only matters to the backward; it is an argument so autograd can see it.
     impl = _kernels_for(logits)
-    return impl.token_logprobs_forward(logits, token_ids, float(temperature), bool(with_entropy))
+    return impl.token_logprobs_forward(
+        _window(logits, t_start, t_len), token_ids, float(temperature), bool(with_entropy)
+    )
 
 
 @token_logprobs.register_fake
-def _(logits, token_ids, temperature, with_entropy, inplace_grad):
-    B, T, _ = logits.shape
+def _(logits, token_ids, temperature, with_entropy, inplace_grad, t_start=0, t_len=-1):
+    B, T = token_ids.shape
     dtype = _torch_path.compute_dtype(logits)
     logp = logits.new_empty((B, T), dtype=dtype)
     lse = logits.new_empty((B, T), dtype=dtype)
@@ -56,18 +69,31 @@ def token_logprobs_backward(
     grad_logp: Tensor,
     grad_entropy: Optional[Tensor],
     temperature: float,
+    t_start: int = 0,
+    t_len: int = -1,
 ) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    window = _window(logits, t_start, t_len)
     impl = _kernels_for(logits)
     impl.token_logprobs_backward(
-        logits, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature), out
+        window, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature),
+        _window(out, t_start, t_len),
     )
+    _zero_outside(out, t_start, window.shape[1])
     return out
 
 
 @token_logprobs_backward.register_fake
-def _(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature):
+def _(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_start=0, t_len=-1):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _zero_outside(t: Tensor, t_start: int, t_len: int) -> None:
+    """Positions outside the window get no gradient (a (B, few, V) fill, not a logits-sized one)."""
+    if t_start > 0:
+        t[:, :t_start].zero_()
+    if t_start + t_len < t.shape[1]:
+        t[:, t_start + t_len:].zero_()
 
 
 @torch.library.custom_op("grpo_fast::token_logprobs_backward_", mutates_args=("logits",))
@@ -79,24 +105,30 @@ def token_logprobs_backward_(
     grad_logp: Tensor,
     grad_entropy: Optional[Tensor],
     temperature: float,
+    t_start: int = 0,
+    t_len: int = -1,
 ) -> None:
+    window = _window(logits, t_start, t_len)
     impl = _kernels_for(logits)
     impl.token_logprobs_backward(
-        logits, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature), logits
+        window, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature), window
     )
+    _zero_outside(logits, t_start, window.shape[1])
 
 
 @token_logprobs_backward_.register_fake
-def _(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature):
+def _(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_start=0, t_len=-1):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    logits, token_ids, temperature, with_entropy, inplace_grad = inputs
+    logits, token_ids, temperature, with_entropy, inplace_grad = inputs[:5]
+    t_start, t_len = (tuple(inputs[5:7]) + (0, -1)[len(inputs[5:7]):])
     _, lse, entropy = output
     ctx.save_for_backward(logits, token_ids, lse, entropy)
     ctx.temperature = temperature
     ctx.inplace_grad = inplace_grad
+    ctx.window = (t_start, t_len)
     # unused outputs (the entropy when entropy_coef == 0, lse always) arrive as None,
     # so the backward can skip the entropy term instead of multiplying by zeros
     ctx.set_materialize_grads(False)
@@ -111,14 +143,14 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
         grad_entropy = None  # no entropy was computed (AOT tracing materialises an empty grad)
     if ctx.inplace_grad:
         torch.ops.grpo_fast.token_logprobs_backward_(
-            logits, token_ids, lse, entropy, grad_logp, grad_entropy, ctx.temperature
+            logits, token_ids, lse, entropy, grad_logp, grad_entropy, ctx.temperature, *ctx.window
         )
         grad = logits
     else:
         grad = torch.ops.grpo_fast.token_logprobs_backward(
-            logits, token_ids, lse, entropy, grad_logp, grad_entropy, ctx.temperature
+            logits, token_ids, lse, entropy, grad_logp, grad_entropy, ctx.temperature, *ctx.window
         )
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 token_logprobs.register_autograd(_backward, setup_context=_setup_context)

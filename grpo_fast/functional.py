@@ -94,6 +94,25 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature={temperature!r}: expected a finite number > 0")
 
 
+def _time_window(logits: Tensor):
+    """(tensor, t_start, t_len) for the op: the whole tensor when `logits` is a slice along
+    time of a 3-D tensor (e.g. ``out.logits[:, :-1]``), so the backward can produce the
+    gradient of that tensor directly, with no second logits-sized buffer from autograd's
+    SliceBackward. Eager mode only; under torch.compile the view goes in as it is."""
+    base = logits._base
+    if base is None or torch.compiler.is_compiling() or base.dim() != 3:
+        return logits, 0, -1
+    B, T, V = logits.shape
+    if (base.shape[0] != B or base.shape[2] != V or base.stride() != logits.stride()
+            or base.requires_grad != logits.requires_grad or base.dtype != logits.dtype):
+        return logits, 0, -1
+    offset = logits.storage_offset() - base.storage_offset()
+    st = base.stride(1)
+    if st <= 0 or offset < 0 or offset % st or offset // st + T > base.shape[1]:
+        return logits, 0, -1
+    return base, offset // st, T
+
+
 # ---------------------------------------------------------------- selective_log_softmax
 
 def selective_log_softmax(
@@ -120,8 +139,9 @@ def selective_log_softmax(
     _check_logits(logits)
     _check_token_ids(token_ids, logits)
     _check_temperature(temperature)
+    whole, t_start, t_len = _time_window(logits)
     logp, _, entropy = torch.ops.grpo_fast.token_logprobs(
-        logits, token_ids, float(temperature), bool(return_entropy), False
+        whole, token_ids, float(temperature), bool(return_entropy), False, t_start, t_len
     )
     return (logp, entropy) if return_entropy else logp
 
@@ -300,8 +320,9 @@ def policy_loss(
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
 
+    whole, t_start, t_len = _time_window(logits)
     logp, _, entropy = torch.ops.grpo_fast.token_logprobs(
-        logits, token_ids, float(temperature), True, inplace_grad
+        whole, token_ids, float(temperature), True, inplace_grad, t_start, t_len
     )
     if opt.entropy_coef == 0.0:
         entropy = entropy.detach()  # no entropy term in the gradient: the backward skips it

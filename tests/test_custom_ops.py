@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grpo_fast
+import grpo_fast.functional  # noqa: F401  (registers the grpo_fast:: ops)
 from reference import ref_policy_loss
 
 
@@ -27,6 +28,17 @@ def test_opcheck_token_logprobs(dtype, with_entropy):
     logits.requires_grad_()
     torch.library.opcheck(torch.ops.grpo_fast.token_logprobs.default,
                           (logits, ids, 0.8, with_entropy, False))
+
+
+def test_opcheck_windowed():
+    logits, _ = _sample(B=2, T=7, V=13)
+    ids = torch.randint(0, 13, (2, 5))
+    logits.requires_grad_()
+    torch.library.opcheck(torch.ops.grpo_fast.token_logprobs.default, (logits, ids, 1.0, True, False, 1, 5))
+    logp, lse, ent = torch.ops.grpo_fast.token_logprobs(logits, ids, 1.0, True, False, 1, 5)
+    lse, ent = lse.detach(), ent.detach()
+    args = (logits.detach(), ids, lse, ent, torch.randn_like(logp), torch.randn_like(ent), 1.0, 1, 5)
+    torch.library.opcheck(torch.ops.grpo_fast.token_logprobs_backward.default, args)
 
 
 def test_opcheck_backward_ops():

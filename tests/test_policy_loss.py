@@ -372,3 +372,42 @@ def test_matches_trl_formulation():
     out.loss.backward()
     assert math.isclose(out.loss.item(), trl_loss.item(), rel_tol=1e-5, abs_tol=1e-7)
     assert torch.allclose(logits.grad, g_trl, atol=1e-7, rtol=1e-4)
+
+
+def _graph_names(fn):
+    seen, stack, names = set(), [fn], []
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.append(type(f).__name__)
+        stack.extend(nf for nf, _ in f.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_time_slice_of_model_output_needs_no_slice_backward(backend, inplace, dtype):
+    """logits = out.logits[:, :-1]: the op takes the whole tensor and a window, so autograd
+    adds no SliceBackward (which would allocate a second logits-sized gradient)."""
+    inp = sample_inputs("cpu", dtype, B=2, T=6, V=300, seed=16)
+    leaf = torch.randn(2, 7, 300, dtype=torch.float64).to(dtype).requires_grad_()
+    full = leaf * 1.0  # stands in for the lm_head output (B, T + 1, V)
+    out = grpo_fast.policy_loss(full[:, :-1], inp["ids"], inp["adv"], inp["mask"], inp["old"], inp["ref"],
+                                beta=0.1, entropy_coef=0.01, inplace_grad=inplace)
+    assert "SliceBackward0" not in _graph_names(out.loss.grad_fn)
+    out.loss.backward()
+    x64 = leaf.detach().double().requires_grad_()
+    ref, _ = ref_policy_loss(x64[:, :-1], inp["ids"], inp["adv"], inp["mask"], inp["old"], inp["ref"],
+                             beta=0.1, entropy_coef=0.01)
+    ref.backward()
+    assert (leaf.grad[:, -1] == 0).all()
+    scale = x64.grad.abs().max().item()
+    assert (leaf.grad.double() - x64.grad).abs().max().item() <= _grad_tol(dtype) * scale
+    # a window in the middle (e.g. logits[:, 2:5]) is handled too
+    leaf.grad = None
+    full = leaf * 1.0
+    lp = grpo_fast.selective_log_softmax(full[:, 1:4], inp["ids"][:, :3])
+    lp.sum().backward()
+    assert (leaf.grad[:, 0] == 0).all() and (leaf.grad[:, 4:] == 0).all() and (leaf.grad[:, 1:4] != 0).any()
