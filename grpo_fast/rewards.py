@@ -91,7 +91,7 @@ def parse_number(s: Any) -> Optional[float]:
         return float(s)
     t = str(s).strip()
     t = _FRAC.sub(r"(\1)/(\2)", t)
-    for junk in ("$", "\\$", "\\%", "%", "\\!", "\\,", " ", "{", "}", "\\text"):
+    for junk in ("\\$", "$", "\\%", "%", "\\!", "\\,", " ", "{", "}", "\\text"):
         t = t.replace(junk, "")
     t = t.replace(",", "").strip().rstrip(".")
     t = t.replace("(", "").replace(")", "")
