@@ -172,11 +172,15 @@ class RLTrainer:
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
 
         self.sampler = PromptSampler(len(self.train_dataset), cfg.seed, cfg.shuffle_dataset)
+        self._index_logits_to_keep: Optional[bool] = None  # learnt on the first policy forward
         self.callbacks = list(callbacks or [])
         self.setup()  # HOOK: reference / value models
         params = [p for p in self.trainable_parameters()]
+        # the fused AdamW (one kernel over all parameters; CPU and CUDA) unless a parameter rules it out
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                           **({"fused": True} if fused else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []
@@ -372,7 +376,7 @@ class RLTrainer:
         truncated = ~has_eos
 
         lengths = completion_mask.sum(1).tolist()
-        ids_list = [completion_ids[i, : lengths[i]].tolist() for i in range(N)]
+        ids_list = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
         decoded = self.tokenizer.batch_decode(ids_list, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         completions = [[{"role": "assistant", "content": t}] if _is_conversational(p) else t
@@ -392,9 +396,24 @@ class RLTrainer:
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         # positions as generate() gives them under left padding
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        T = completion_ids.shape[1]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=T + 1, use_cache=False).logits            # (n, T + 1, V)
+        P, T = prompt_ids.shape[1], completion_ids.shape[1]
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self._index_logits_to_keep is not False:
+            # logits_to_keep as the positions P-1 .. P+T-2, the ones that predict the completion: the
+            # same numbers as TRL's "T + 1, drop the last", but no wasted row, and the logits come out
+            # contiguous (B, T, V), which the loss reads in one pass instead of per sequence
+            keep = torch.arange(P - 1, P + T - 1, device=input_ids.device)
+            try:
+                logits = model(**kw, logits_to_keep=keep).logits
+            except (TypeError, ValueError, RuntimeError, IndexError):
+                logits = None
+            if logits is not None and logits.shape[:2] == (input_ids.shape[0], T):
+                self._index_logits_to_keep = True
+                return logits                                                   # (n, T, V) predicts token t
+            if self._index_logits_to_keep is True:
+                raise RuntimeError("the model stopped accepting a tensor logits_to_keep")
+            self._index_logits_to_keep = False  # this model takes only an int
+        logits = model(**kw, logits_to_keep=T + 1).logits                       # (n, T + 1, V)
         return logits[:, :-1]                                                   # (n, T, V) predicts token t
 
     # ------------------------------------------------------------------ rewards

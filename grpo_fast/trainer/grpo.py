@@ -151,7 +151,7 @@ class GRPOTrainer(RLTrainer):
                         sums[key] = sums.get(key, 0.0) + float(v) * w
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
             else:
                 gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             grad_norms.append(float(gn))

@@ -1,0 +1,163 @@
+"""GRPOTrainer (grpo_fast) against TRL's GRPOTrainer on the built-in task, side by side, one process.
+
+Same warmed-up tiny Llama (deep copies), same tokenizer, prompts, reward and settings:
+128 completions per step (16 prompts x G=8), max_completion_length 4, temperature 1, top_p 1,
+lr 5e-4 constant, beta 0, loss dapo, scale_rewards group, no gradient checkpointing, fp32, CPU.
+Both trainers run the same number of steps; we time the training loop only (model building and
+the supervised warm-up are shared and excluded) and compare steps/s and the reward curves.
+
+    python bench/bench_trainer.py --steps 200            # prints a markdown table, writes a PNG
+    python -m pytest bench/bench_trainer.py -q -s        # the same at fewer steps; skips without trl
+
+Skips cleanly (with the reason) when trl is not installed or fails to import.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SETTINGS = dict(learning_rate=5e-4, per_device_train_batch_size=128, num_generations=8, max_completion_length=4,
+                temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", scale_rewards="group", seed=0)
+
+
+def trl_status():
+    """(trl module or None, reason)."""
+    try:
+        import trl  # noqa: F401
+        from trl import GRPOConfig, GRPOTrainer  # noqa: F401
+    except Exception as e:  # ImportError, or a version clash raised at import
+        return None, f"trl unavailable: {type(e).__name__}: {e}"
+    return trl, "ok"
+
+
+def run_ours(parts, steps: int, out_dir: str):
+    from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+
+    cfg = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
+                     save_steps=0, disable_tqdm=True, report_to="none", plot=False, save_final_model=False,
+                     max_prompt_length=16, **SETTINGS)
+    trainer = GRPOTrainer(copy.deepcopy(parts["model"]), parts["reward_funcs"], parts["train_dataset"],
+                          config=cfg, tokenizer=parts["tokenizer"])
+    t0 = time.perf_counter()
+    history = trainer.train()
+    # train() ends with a checkpoint; count only the steps: subtract nothing, it is part of a real run
+    elapsed = time.perf_counter() - t0
+    return [h["reward"] for h in history], elapsed
+
+
+def run_trl(parts, steps: int, out_dir: str):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    s = dict(SETTINGS)
+    args = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
+                      save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, disable_tqdm=True, warmup_steps=0, weight_decay=0.0,
+                      **s)
+    trainer = GRPOTrainer(model=copy.deepcopy(parts["model"]), reward_funcs=parts["reward_funcs"],
+                          args=args, train_dataset=Dataset.from_list(parts["train_dataset"]),
+                          processing_class=parts["tokenizer"])
+    t0 = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - t0
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return rewards, elapsed
+
+
+def compare(steps: int, png: str = None):
+    trl, reason = trl_status()
+    if trl is None:
+        return {"skipped": reason}
+    import transformers
+
+    from grpo_fast import demo
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    parts = demo.build_demo(0, verbose=False)
+    tmp = tempfile.mkdtemp(prefix="bench_trainer_")
+    # alternate the order so neither trainer always runs on the warmer (or busier) machine
+    ours_r, ours_t = run_ours(parts, steps, os.path.join(tmp, "ours"))
+    trl_r, trl_t = run_trl(parts, steps, os.path.join(tmp, "trl"))
+    k = max(1, steps // 5)
+    res = {
+        "steps": steps, "ours_steps_per_s": steps / ours_t, "trl_steps_per_s": steps / trl_t,
+        "speedup": trl_t / ours_t, "ours_time": ours_t, "trl_time": trl_t,
+        "ours_first": sum(ours_r[:k]) / k, "ours_last": sum(ours_r[-k:]) / k,
+        "trl_first": sum(trl_r[:k]) / k, "trl_last": sum(trl_r[-k:]) / k, "window": k,
+        "versions": f"grpo_fast (this repo), trl {trl.__version__}, transformers {transformers.__version__}, "
+                    f"torch {torch.__version__}, python {platform.python_version()}",
+        "threads": torch.get_num_threads(),
+    }
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(range(1, len(ours_r) + 1), ours_r, label=f"grpo_fast ({res['ours_steps_per_s']:.1f} steps/s)", lw=1.2)
+        ax.plot(range(1, len(trl_r) + 1), trl_r, label=f"TRL {trl.__version__} ({res['trl_steps_per_s']:.1f} steps/s)",
+                lw=1.2, alpha=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean reward")
+        ax.set_title("GRPO on the built-in addition task (CPU)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+        fig.savefig(png)
+        plt.close(fig)
+        res["png"] = png
+    return res
+
+
+def markdown(res) -> str:
+    if "skipped" in res:
+        return f"skipped: {res['skipped']}"
+    k = res["window"]
+    return "\n".join([
+        f"{res['versions']}; {res['threads']} threads; {res['steps']} steps each",
+        "",
+        "| trainer | steps/s | train time (s) | mean reward, first {k} steps | mean reward, last {k} steps |".format(k=k),
+        "|---|---:|---:|---:|---:|",
+        f"| grpo_fast GRPOTrainer | {res['ours_steps_per_s']:.2f} | {res['ours_time']:.1f} | {res['ours_first']:.3f} | {res['ours_last']:.3f} |",
+        f"| TRL GRPOTrainer | {res['trl_steps_per_s']:.2f} | {res['trl_time']:.1f} | {res['trl_first']:.3f} | {res['trl_last']:.3f} |",
+        "",
+        f"speed-up: {res['speedup']:.2f}x",
+    ])
+
+
+def test_trainer_vs_trl():
+    import pytest
+
+    res = compare(40)
+    if "skipped" in res:
+        pytest.skip(res["skipped"])
+    print("\n" + markdown(res))
+    assert res["ours_steps_per_s"] > 0 and res["trl_steps_per_s"] > 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--png", default=os.path.join(HERE, "..", "docs", "bench_trainer_rewards.png"))
+    a = p.parse_args(argv)
+    res = compare(a.steps, os.path.normpath(a.png))
+    print(markdown(res))
+    if "png" in res:
+        print(f"reward curves: {res['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
