@@ -39,9 +39,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(*tensors: torch.Tensor) -> Iterator[Tuple[slice, Tuple[torch.Tensor, ...]]]:
-    """Yield (row slice into the flattened B*T rows, the matching (rows, V) views of each tensor).
+    """Yield (row slice into the flattened B*T rows, the matching (nb, nt, V) views of each tensor).
 
     All tensors share the (B, T, V) shape; the blocks are the same for all of them.
+    Evenly spaced rows are walked as one (B*T, V) sequence of rows; other layouts
+    (e.g. logits[:, :-1]) by whole sequences when T is short, by time chunks of one
+    sequence when T is long, so no block is tiny and none is copied.
     """
     B, T, V = tensors[0].shape
     rows = max(1, min(B * T, _MAX_BLOCK_ELEMS // max(V, 1)))
@@ -49,12 +52,17 @@ def _blocks(*tensors: torch.Tensor) -> Iterator[Tuple[slice, Tuple[torch.Tensor,
         flats = [_flat(t) for t in tensors]
         for r0 in range(0, B * T, rows):
             r1 = min(B * T, r0 + rows)
-            yield slice(r0, r1), tuple(f[r0:r1] for f in flats)
-    else:  # e.g. logits[:, :-1]: walk each sequence separately
+            yield slice(r0, r1), tuple(f[r0:r1].unsqueeze(0) for f in flats)
+    elif T <= rows:
+        per = rows // T  # whole sequences per block
+        for b0 in range(0, B, per):
+            b1 = min(B, b0 + per)
+            yield slice(b0 * T, b1 * T), tuple(t[b0:b1] for t in tensors)
+    else:
         for b in range(B):
             for t0 in range(0, T, rows):
                 t1 = min(T, t0 + rows)
-                yield slice(b * T + t0, b * T + t1), tuple(t[b, t0:t1] for t in tensors)
+                yield slice(b * T + t0, b * T + t1), tuple(t[b:b + 1, t0:t1] for t in tensors)
 
 
 def _as_compute(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,15 +87,15 @@ def token_logprobs_forward(
     ids = token_ids.reshape(B * T)
     for rows, (block,) in _blocks(logits):
         x = _as_compute(block, dtype)  # (n, V) a view for float32 logits, a copy for half
-        m = x.amax(dim=-1, keepdim=True).mul_(inv_t)  # (n, 1) max of z = x / temperature
+        m = x.amax(dim=-1, keepdim=True).mul_(inv_t)  # (nb, nt, 1) max of z = x / temperature
         # a row of all -inf has max -inf; shift by 0 there so it gives lse = -inf, not NaN
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        e = torch.add(-m, x, alpha=inv_t).exp_()  # (n, V) exp(z - m): the one big temporary
+        e = torch.add(-m, x, alpha=inv_t).exp_()  # (nb, nt, V) exp(z - m): the one big temporary
         s = e.sum(dim=-1, keepdim=True)
-        block_lse = m + torch.log(s)  # (n, 1)
-        lse[rows] = block_lse.squeeze(-1)
-        idx = ids[rows].unsqueeze(-1)
-        logp[rows] = (x.gather(-1, idx) * inv_t - block_lse).squeeze(-1)
+        block_lse = m + torch.log(s)  # (nb, nt, 1)
+        lse[rows] = block_lse.reshape(-1)
+        idx = ids[rows].view(x.shape[0], x.shape[1], 1)
+        logp[rows] = (x.gather(-1, idx) * inv_t - block_lse).reshape(-1)
         if with_entropy:
             # H = lse - sum(p * z), with p = e / s; a row-wise dot avoids another (n, V) buffer
             pz = torch.linalg.vecdot(e, x)
@@ -97,7 +105,7 @@ def token_logprobs_forward(
                 # redo only those rows (rows with NaN logits stay NaN)
                 xb = x[bad]
                 pz[bad] = torch.linalg.vecdot(e[bad], torch.where(torch.isneginf(xb), 0.0, xb))
-            ent[rows] = block_lse.squeeze(-1) - pz * inv_t / s.squeeze(-1)
+            ent[rows] = (block_lse.squeeze(-1) - pz * inv_t / s.squeeze(-1)).reshape(-1)
     return logp.view(B, T), lse.view(B, T), (ent.view(B, T) if with_entropy else ent)
 
 
@@ -125,23 +133,24 @@ def token_logprobs_backward(
     pairs = _blocks(logits) if out is logits else _blocks(logits, out)
     for rows, views in pairs:
         block, dst = views[0], views[-1]
-        c1 = g_lp[rows]  # (n, 1)
+        shape = (block.shape[0], block.shape[1], 1)  # (nb, nt, 1)
+        c1 = g_lp[rows].view(shape)
         # log p = x / temperature - lse, written straight into the destination when it
         # has the compute dtype (also in place into float32 logits), else a block buffer
         if dst.dtype == dtype:
-            lp = torch.add(neg_lse[rows], block, alpha=inv_t, out=dst) if dst is not block \
-                else block.mul_(inv_t).add_(neg_lse[rows])
+            lp = torch.add(neg_lse[rows].view(shape), block, alpha=inv_t, out=dst) if dst is not block \
+                else block.mul_(inv_t).add_(neg_lse[rows].view(shape))
         else:
-            lp = torch.add(neg_lse[rows], _as_compute(block, dtype), alpha=inv_t)
+            lp = torch.add(neg_lse[rows].view(shape), _as_compute(block, dtype), alpha=inv_t)
         if has_h:
             # grad = -p * (c1 + c2 * (log p + H)), then + c1 at the chosen token.
             # log p = -inf (a -inf logit) has p = 0 and must contribute 0, not 0 * inf = NaN:
             # clamping log p at -1e30 keeps the factor finite there while exp(log p) stays 0
-            coef = torch.clamp(lp, min=-1e30).add_(h_f[rows]).mul_(-g_h[rows]).sub_(c1)
+            coef = torch.clamp(lp, min=-1e30).add_(h_f[rows].view(shape)).mul_(-g_h[rows].view(shape)).sub_(c1)
             grad = lp.exp_().mul_(coef)
         else:
             grad = lp.exp_().mul_(-c1)  # -p * c1
-        grad.scatter_add_(-1, ids[rows].unsqueeze(-1), c1)
+        grad.scatter_add_(-1, ids[rows].view(shape), c1)
         if grad is not dst:
             dst.copy_(grad)
     return out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import grpo_fast
+from grpo_fast import _torch_path
 from conftest import devices
 from reference import ref_policy_loss, ref_token_stats
 
@@ -411,3 +412,30 @@ def test_time_slice_of_model_output_needs_no_slice_backward(backend, inplace, dt
     lp = grpo_fast.selective_log_softmax(full[:, 1:4], inp["ids"][:, :3])
     lp.sum().backward()
     assert (leaf.grad[:, 0] == 0).all() and (leaf.grad[:, 4:] == 0).all() and (leaf.grad[:, 1:4] != 0).any()
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("block_elems", [1, 3 * 100, 16 * 100, 1 << 20])
+def test_blocking_of_the_torch_path_does_not_change_results(monkeypatch, strided, block_elems):
+    """Whole sequences per block, time chunks of one sequence, one row per block: same numbers."""
+    inp = sample_inputs("cpu", B=3, T=7, V=100, strided=strided, seed=17)
+    monkeypatch.setenv("GRPO_FAST_BACKEND", "torch")
+    results = []
+    for elems in (1 << 20, block_elems):
+        monkeypatch.setattr(_torch_path, "_MAX_BLOCK_ELEMS", elems)
+        if strided:
+            base = torch.zeros(3, 8, 100)
+            base[:, :-1] = inp["logits"]
+            base.requires_grad_()
+            xr = base
+            view = (base * 1.0)[:, :-1]
+        else:
+            xr = inp["logits"].detach().clone().requires_grad_()
+            view = xr
+        out = grpo_fast.policy_loss(view, inp["ids"], inp["adv"], inp["mask"], inp["old"], inp["ref"],
+                                    beta=0.1, entropy_coef=0.02, temperature=0.8)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.logps, xr.grad))
+    (l0, p0, g0), (l1, p1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-7) and torch.allclose(p0, p1, atol=1e-6)
+    assert torch.allclose(g0, g1, atol=1e-7)
