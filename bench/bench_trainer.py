@@ -17,6 +17,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -46,13 +47,14 @@ def run_ours(parts, steps: int, out_dir: str):
     cfg = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
                      save_steps=0, disable_tqdm=True, report_to="none", plot=False, save_final_model=False,
                      max_prompt_length=16, **SETTINGS)
+    stamps = []
     trainer = GRPOTrainer(copy.deepcopy(parts["model"]), parts["reward_funcs"], parts["train_dataset"],
-                          config=cfg, tokenizer=parts["tokenizer"])
+                          config=cfg, tokenizer=parts["tokenizer"],
+                          callbacks=[lambda tr, m: stamps.append(time.perf_counter())])
     t0 = time.perf_counter()
     history = trainer.train()
-    # train() ends with a checkpoint; count only the steps: subtract nothing, it is part of a real run
-    elapsed = time.perf_counter() - t0
-    return [h["reward"] for h in history], elapsed
+    elapsed = time.perf_counter() - t0  # includes the final checkpoint our train() always writes
+    return [h["reward"] for h in history], elapsed, [t0] + stamps
 
 
 def run_trl(parts, steps: int, out_dir: str):
@@ -64,17 +66,25 @@ def run_trl(parts, steps: int, out_dir: str):
                       save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                       gradient_checkpointing=False, disable_tqdm=True, warmup_steps=0, weight_decay=0.0,
                       **s)
+    from transformers import TrainerCallback
+
+    stamps = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
     trainer = GRPOTrainer(model=copy.deepcopy(parts["model"]), reward_funcs=parts["reward_funcs"],
                           args=args, train_dataset=Dataset.from_list(parts["train_dataset"]),
-                          processing_class=parts["tokenizer"])
+                          processing_class=parts["tokenizer"], callbacks=[Stamp()])
     t0 = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - t0
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return rewards, elapsed
+    return rewards, elapsed, [t0] + stamps
 
 
-def compare(steps: int, png: str = None):
+def compare(steps: int, png: str = None, threads: int = 1):
     trl, reason = trl_status()
     if trl is None:
         return {"skipped": reason}
@@ -82,16 +92,20 @@ def compare(steps: int, png: str = None):
 
     from grpo_fast import demo
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     parts = demo.build_demo(0, verbose=False)
     tmp = tempfile.mkdtemp(prefix="bench_trainer_")
-    # alternate the order so neither trainer always runs on the warmer (or busier) machine
-    ours_r, ours_t = run_ours(parts, steps, os.path.join(tmp, "ours"))
-    trl_r, trl_t = run_trl(parts, steps, os.path.join(tmp, "trl"))
+    ours_r, ours_t, ours_s = run_ours(parts, steps, os.path.join(tmp, "ours"))
+    trl_r, trl_t, trl_s = run_trl(parts, steps, os.path.join(tmp, "trl"))
+    # The machine is shared: other jobs stall either run at random. The median time between two
+    # step ends is robust to those stalls; the totals are reported too.
+    med = lambda st: statistics.median([b - a for a, b in zip(st, st[1:])])  # noqa: E731
+    ours_m, trl_m = med(ours_s), med(trl_s)
     k = max(1, steps // 5)
     res = {
-        "steps": steps, "ours_steps_per_s": steps / ours_t, "trl_steps_per_s": steps / trl_t,
-        "speedup": trl_t / ours_t, "ours_time": ours_t, "trl_time": trl_t,
+        "steps": steps, "ours_steps_per_s": 1.0 / ours_m, "trl_steps_per_s": 1.0 / trl_m,
+        "speedup": trl_m / ours_m, "speedup_total": trl_t / ours_t, "ours_time": ours_t, "trl_time": trl_t,
+        "ours_ms": 1000 * ours_m, "trl_ms": 1000 * trl_m,
         "ours_first": sum(ours_r[:k]) / k, "ours_last": sum(ours_r[-k:]) / k,
         "trl_first": sum(trl_r[:k]) / k, "trl_last": sum(trl_r[-k:]) / k, "window": k,
         "versions": f"grpo_fast (this repo), trl {trl.__version__}, transformers {transformers.__version__}, "
@@ -128,19 +142,26 @@ def markdown(res) -> str:
     return "\n".join([
         f"{res['versions']}; {res['threads']} threads; {res['steps']} steps each",
         "",
-        "| trainer | steps/s | train time (s) | mean reward, first {k} steps | mean reward, last {k} steps |".format(k=k),
-        "|---|---:|---:|---:|---:|",
-        f"| grpo_fast GRPOTrainer | {res['ours_steps_per_s']:.2f} | {res['ours_time']:.1f} | {res['ours_first']:.3f} | {res['ours_last']:.3f} |",
-        f"| TRL GRPOTrainer | {res['trl_steps_per_s']:.2f} | {res['trl_time']:.1f} | {res['trl_first']:.3f} | {res['trl_last']:.3f} |",
+        "| trainer | median step (ms) | steps/s (median) | total train time (s) | mean reward, first {k} steps "
+        "| mean reward, last {k} steps |".format(k=k),
+        "|---|---:|---:|---:|---:|---:|",
+        f"| grpo_fast GRPOTrainer | {res['ours_ms']:.1f} | {res['ours_steps_per_s']:.1f} | {res['ours_time']:.1f} "
+        f"| {res['ours_first']:.3f} | {res['ours_last']:.3f} |",
+        f"| TRL GRPOTrainer | {res['trl_ms']:.1f} | {res['trl_steps_per_s']:.1f} | {res['trl_time']:.1f} "
+        f"| {res['trl_first']:.3f} | {res['trl_last']:.3f} |",
         "",
-        f"speed-up: {res['speedup']:.2f}x",
+        f"speed-up (median step): {res['speedup']:.2f}x; (total time): {res['speedup_total']:.2f}x",
     ])
 
 
 def test_trainer_vs_trl():
     import pytest
 
-    res = compare(40)
+    before = torch.get_num_threads()
+    try:
+        res = compare(40)
+    finally:
+        torch.set_num_threads(before)
     if "skipped" in res:
         pytest.skip(res["skipped"])
     print("\n" + markdown(res))
@@ -150,9 +171,10 @@ def test_trainer_vs_trl():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both trainers")
     p.add_argument("--png", default=os.path.join(HERE, "..", "docs", "bench_trainer_rewards.png"))
     a = p.parse_args(argv)
-    res = compare(a.steps, os.path.normpath(a.png))
+    res = compare(a.steps, os.path.normpath(a.png), a.threads)
     print(markdown(res))
     if "png" in res:
         print(f"reward curves: {res['png']}")

@@ -10,6 +10,7 @@ Pipeline in miniature (pre-training -> SFT -> RL):
 """
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, Dict, List, Optional
 
@@ -174,6 +175,10 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
         values = demo_config_defaults()
         values.update(overrides or {})
         config = GRPOConfig(**values)
+    # The model is tiny: a second intra-op thread buys little, and on a busy shared machine two
+    # spinning OpenMP threads per process can make every step 10-50x slower. One thread is also
+    # what makes the run reproducible from machine to machine. GRPO_FAST_DEMO_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("GRPO_FAST_DEMO_THREADS", "1")))
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     parts = build_demo(config.seed)

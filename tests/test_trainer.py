@@ -15,6 +15,15 @@ from grpo_fast.rewards import accuracy_reward
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model needs no intra-op threads; one thread keeps these runs fast on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def parts():
     """Tokenizer, warmed-up model (kept pristine: tests deep-copy it) and data."""
