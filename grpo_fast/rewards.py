@@ -111,6 +111,8 @@ def answers_match(predicted: Optional[str], reference: Any, *, rel_tol: float = 
     if predicted is None or reference is None:
         return False
     ref = str(reference)
+    if predicted == ref:
+        return True
     ref_boxed = extract_boxed(ref)
     if ref_boxed is not None:
         ref = ref_boxed

@@ -125,6 +125,14 @@ def _set_dropout_zero(model) -> None:
             setattr(cfg, name, 0.0)
 
 
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _func_name(f) -> str:
     return getattr(f, "__name__", None) or type(f).__name__
 
@@ -433,7 +441,7 @@ class RLTrainer:
     def compute_rewards(self, batch: Rollout, step: int) -> None:
         """Call every reward function; None -> NaN; weighted sum (NaN where every function gave None)."""
         N = len(batch)
-        per_func = torch.full((N, len(self.reward_funcs)), float("nan"), dtype=torch.float32)
+        columns = []
         for j, (f, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
             try:
                 values = self._call_reward(f, name, batch, step)
@@ -442,14 +450,16 @@ class RLTrainer:
             if values is None or not hasattr(values, "__len__") or len(values) != N:
                 got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__)
                 raise RewardFunctionError(f"reward function {name!r} returned {got} for {N} completions at step {step}")
-            for i, v in enumerate(values):
-                if v is None:
-                    continue
-                try:
-                    per_func[i, j] = float(v)
-                except (TypeError, ValueError):
-                    raise RewardFunctionError(f"reward function {name!r} returned {v!r} (not a number or None) "
-                                              f"for {self._sample_desc(batch, i)} at step {step}") from None
+            if isinstance(values, torch.Tensor):
+                values = values.tolist()
+            try:
+                col = [math.nan if v is None else float(v) for v in values]
+            except (TypeError, ValueError):
+                i = next(i for i, v in enumerate(values) if v is not None and not _is_number(v))
+                raise RewardFunctionError(f"reward function {name!r} returned {values[i]!r} (not a number or None) "
+                                          f"for {self._sample_desc(batch, i)} at step {step}") from None
+            columns.append(col)
+        per_func = torch.tensor(columns, dtype=torch.float32).T.contiguous()      # (N, F)
         w = self.reward_weights
         weighted = per_func * w                                                  # (N, F)
         total = torch.nansum(weighted, dim=1)
@@ -471,19 +481,18 @@ class RLTrainer:
     # ------------------------------------------------------------------ metrics
     def rollout_metrics(self, batch: Rollout) -> Dict[str, float]:
         m: Dict[str, float] = {}
-        r = batch.rewards
+        r = batch.rewards.double()
         G = batch.group_size
-        m["reward"] = float(torch.nanmean(r)) if not torch.isnan(r).all() else float("nan")
-        grouped = r.view(-1, G)
-        stds = []
-        zero = 0
-        for g in grouped:
-            g = g[~torch.isnan(g)]
-            s = float(g.std()) if g.numel() > 1 else 0.0
-            stds.append(s)
-            zero += s == 0.0
-        m["reward_std"] = float(np.mean(stds))
-        m["frac_reward_zero_std"] = zero / len(stds)
+        valid = ~torch.isnan(r)
+        m["reward"] = float(r[valid].mean()) if valid.any() else float("nan")
+        # per-group std over the rewards that exist (Bessel-corrected; groups of < 2 count as 0)
+        g, ok = torch.where(valid, r, 0.0).view(-1, G), valid.view(-1, G).double()
+        n = ok.sum(1)
+        mean = g.sum(1) / n.clamp(min=1)
+        var = (((g - mean[:, None]) * ok) ** 2).sum(1) / (n - 1).clamp(min=1)
+        std = torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+        m["reward_std"] = float(std.mean())
+        m["frac_reward_zero_std"] = float((std == 0).double().mean())
         for j, name in enumerate(self.reward_names):
             col = batch.rewards_per_func[:, j]
             ok = col[~torch.isnan(col)]
