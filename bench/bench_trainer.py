@@ -41,12 +41,12 @@ def trl_status():
     return trl, "ok"
 
 
-def run_ours(parts, steps: int, out_dir: str):
+def run_ours(parts, steps: int, out_dir: str, seed: int = 0):
     from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
     cfg = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
                      save_steps=0, disable_tqdm=True, report_to="none", plot=False, save_final_model=False,
-                     max_prompt_length=16, **SETTINGS)
+                     max_prompt_length=16, **dict(SETTINGS, seed=seed))
     stamps = []
     trainer = GRPOTrainer(copy.deepcopy(parts["model"]), parts["reward_funcs"], parts["train_dataset"],
                           config=cfg, tokenizer=parts["tokenizer"],
@@ -57,11 +57,11 @@ def run_ours(parts, steps: int, out_dir: str):
     return [h["reward"] for h in history], elapsed, [t0] + stamps
 
 
-def run_trl(parts, steps: int, out_dir: str):
+def run_trl(parts, steps: int, out_dir: str, seed: int = 0):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    s = dict(SETTINGS)
+    s = dict(SETTINGS, seed=seed)
     args = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
                       save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                       gradient_checkpointing=False, disable_tqdm=True, warmup_steps=0, weight_decay=0.0,
@@ -84,7 +84,7 @@ def run_trl(parts, steps: int, out_dir: str):
     return rewards, elapsed, [t0] + stamps
 
 
-def compare(steps: int, png: str = None, threads: int = 1):
+def compare(steps: int, png: str = None, threads: int = 1, seeds: int = 1):
     trl, reason = trl_status()
     if trl is None:
         return {"skipped": reason}
@@ -95,19 +95,30 @@ def compare(steps: int, png: str = None, threads: int = 1):
     torch.set_num_threads(threads)
     parts = demo.build_demo(0, verbose=False)
     tmp = tempfile.mkdtemp(prefix="bench_trainer_")
-    ours_r, ours_t, ours_s = run_ours(parts, steps, os.path.join(tmp, "ours"))
-    trl_r, trl_t, trl_s = run_trl(parts, steps, os.path.join(tmp, "trl"))
+    ours_r, ours_t, ours_s, trl_r, trl_t, trl_s = [], 0.0, [], [], 0.0, []
+    curves = []
+    for seed in range(seeds):  # the training seed; the warmed-up starting model is the same
+        r1, t1, s1 = run_ours(parts, steps, os.path.join(tmp, f"ours{seed}"), seed)
+        r2, t2, s2 = run_trl(parts, steps, os.path.join(tmp, f"trl{seed}"), seed)
+        curves.append((r1, r2))
+        ours_r.append(r1), trl_r.append(r2)
+        ours_t, trl_t = ours_t + t1, trl_t + t2
+        ours_s += [b - a for a, b in zip(s1, s1[1:])]
+        trl_s += [b - a for a, b in zip(s2, s2[1:])]
     # The machine is shared: other jobs stall either run at random. The median time between two
     # step ends is robust to those stalls; the totals are reported too.
-    med = lambda st: statistics.median([b - a for a, b in zip(st, st[1:])])  # noqa: E731
-    ours_m, trl_m = med(ours_s), med(trl_s)
+    ours_m, trl_m = statistics.median(ours_s), statistics.median(trl_s)
+    mean_curve = lambda rs: [sum(x) / len(x) for x in zip(*rs)]  # noqa: E731
+    ours_r, trl_r = mean_curve(ours_r), mean_curve(trl_r)
     k = max(1, steps // 5)
     res = {
-        "steps": steps, "ours_steps_per_s": 1.0 / ours_m, "trl_steps_per_s": 1.0 / trl_m,
+        "steps": steps, "seeds": seeds, "ours_steps_per_s": 1.0 / ours_m, "trl_steps_per_s": 1.0 / trl_m,
         "speedup": trl_m / ours_m, "speedup_total": trl_t / ours_t, "ours_time": ours_t, "trl_time": trl_t,
         "ours_ms": 1000 * ours_m, "trl_ms": 1000 * trl_m,
         "ours_first": sum(ours_r[:k]) / k, "ours_last": sum(ours_r[-k:]) / k,
         "trl_first": sum(trl_r[:k]) / k, "trl_last": sum(trl_r[-k:]) / k, "window": k,
+        "ours_all": sum(ours_r) / len(ours_r), "trl_all": sum(trl_r) / len(trl_r),
+        "per_seed_last": [(sum(a[-k:]) / k, sum(b[-k:]) / k) for a, b in curves],
         "versions": f"grpo_fast (this repo), trl {trl.__version__}, transformers {transformers.__version__}, "
                     f"torch {torch.__version__}, python {platform.python_version()}",
         "threads": torch.get_num_threads(),
@@ -124,7 +135,7 @@ def compare(steps: int, png: str = None, threads: int = 1):
                 lw=1.2, alpha=0.8)
         ax.set_xlabel("step")
         ax.set_ylabel("mean reward")
-        ax.set_title("GRPO on the built-in addition task (CPU)")
+        ax.set_title(f"GRPO on the built-in addition task (CPU), mean of {seeds} seed(s)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()
@@ -140,17 +151,20 @@ def markdown(res) -> str:
         return f"skipped: {res['skipped']}"
     k = res["window"]
     return "\n".join([
-        f"{res['versions']}; {res['threads']} threads; {res['steps']} steps each",
+        f"{res['versions']}; {res['threads']} thread(s); {res['steps']} steps x {res['seeds']} training seed(s) each; "
+        "rewards are averaged over the seeds, times summed",
         "",
         "| trainer | median step (ms) | steps/s (median) | total train time (s) | mean reward, first {k} steps "
-        "| mean reward, last {k} steps |".format(k=k),
-        "|---|---:|---:|---:|---:|---:|",
+        "| mean reward, last {k} steps | mean reward, all steps |".format(k=k),
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| grpo_fast GRPOTrainer | {res['ours_ms']:.1f} | {res['ours_steps_per_s']:.1f} | {res['ours_time']:.1f} "
-        f"| {res['ours_first']:.3f} | {res['ours_last']:.3f} |",
+        f"| {res['ours_first']:.3f} | {res['ours_last']:.3f} | {res['ours_all']:.3f} |",
         f"| TRL GRPOTrainer | {res['trl_ms']:.1f} | {res['trl_steps_per_s']:.1f} | {res['trl_time']:.1f} "
-        f"| {res['trl_first']:.3f} | {res['trl_last']:.3f} |",
+        f"| {res['trl_first']:.3f} | {res['trl_last']:.3f} | {res['trl_all']:.3f} |",
         "",
         f"speed-up (median step): {res['speedup']:.2f}x; (total time): {res['speedup_total']:.2f}x",
+        "last-window reward per seed (grpo_fast, TRL): "
+        + ", ".join(f"({a:.3f}, {b:.3f})" for a, b in res["per_seed_last"]),
     ])
 
 
@@ -170,11 +184,12 @@ def test_trainer_vs_trl():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both trainers")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per trainer (curves are averaged)")
     p.add_argument("--png", default=os.path.join(HERE, "..", "docs", "bench_trainer_rewards.png"))
     a = p.parse_args(argv)
-    res = compare(a.steps, os.path.normpath(a.png), a.threads)
+    res = compare(a.steps, os.path.normpath(a.png), a.threads, a.seeds)
     print(markdown(res))
     if "png" in res:
         print(f"reward curves: {res['png']}")
