@@ -277,11 +277,14 @@ class RLTrainer:
 
         if reward_funcs is None:
             raise ValueError("reward_funcs: give at least one reward function or reward model")
-        if callable(reward_funcs) or isinstance(reward_funcs, (tuple, str)) and not isinstance(reward_funcs, list):
+        if isinstance(reward_funcs, tuple) and len(reward_funcs) == 2 and isinstance(reward_funcs[0], torch.nn.Module):
+            reward_funcs = [reward_funcs]                 # one (reward model, tokenizer) pair
+        elif callable(reward_funcs) or isinstance(reward_funcs, str):
             reward_funcs = [reward_funcs]
+        reward_funcs = list(reward_funcs)
         funcs, names = [], []
         for f in reward_funcs:
-            if isinstance(f, tuple) and len(f) == 2:          # (sequence-classification model, its tokenizer)
+            if isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], torch.nn.Module):  # (model, tokenizer)
                 f = RewardModel(f[0], f[1])
             elif isinstance(f, str):                          # local reward-model directory
                 f = RewardModel(f)
