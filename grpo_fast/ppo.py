@@ -343,7 +343,7 @@ class PPOTrainer(RLTrainer):
         if self.value_head is not None:
             logits, hidden = policy_forward(self.model, batch, rows, hidden=True)
             return logits, self.value_head(hidden)
-        logits, _ = policy_forward(self.model, batch, rows)
+        logits = self.forward_logits(self.model, batch, rows)
         return logits, critic_values(self.value_model, batch, rows)
 
     @torch.no_grad()
@@ -368,7 +368,7 @@ class PPOTrainer(RLTrainer):
                 if cfg.beta > 0:
                     with self._ref_context():
                         ref_model = self.ref_model if self.ref_model is not None else self.model
-                        ref_logits, _ = policy_forward(ref_model, batch, rows)
+                        ref_logits = self.forward_logits(ref_model, batch, rows)
                     ref.append(selective_log_softmax(ref_logits, ids, cfg.temperature))
         finally:
             for m, w in zip(modules, was):

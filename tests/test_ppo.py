@@ -190,7 +190,7 @@ def test_ppo_learns_addition(parts, tmp_path):
     cfg = small_config(tmp_path, max_steps=20, per_device_train_batch_size=64, num_mini_batches=2, ppo_epochs=4)
     history = make_trainer(parts, cfg).train()
     rewards = [h["reward"] for h in history]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5  # seed 0: about 0.26 -> 0.45
     assert first < 0.35, rewards
     assert last > first + 0.1, (first, last, rewards)
 

@@ -1,0 +1,349 @@
+"""TRPOTrainer: KL-constrained natural-gradient steps on RLTrainer's rollout / rewards / checkpoints.
+
+Per step:
+  rollout     N completions (num_generations per prompt)
+  advantages  advantage_estimator="group": group_advantages (as GRPO), one value per completion;
+              "gae": a separate critic (grpo_fast.value_model.ValueModel) gives values at
+              rollout time, GAE over token rewards (the sequence reward on the last token),
+              optional whitening; the critic is then fitted to the returns by regression with its
+              own AdamW (vf_learning_rate, vf_iters passes)
+  old policy  the full next-token distribution log_softmax(logits / temperature) of every
+              completion token, stored at rollout time (eval mode, detached)
+  step        grpo_fast.natural_gradient.trpo_step over trainable_parameters() (the adapter only
+              under peft):  maximise  L(θ) = Σ m·ρ·A / Σ m   subject to
+              KL̄(θ) = Σ_t m_t · KL(π_old(·|s_t) || π_θ(·|s_t)) / Σ m  <=  max_kl,
+              ρ = π_θ(a_t|s_t) / π_old(a_t|s_t); conjugate gradient on Fisher-vector products
+              (double backprop through KL̄), a full step scaled to the KL bound, backtracking
+              line search; a rejected step leaves the parameters bit-identical
+
+Memory: the stored old distributions take N · T · V · 4 bytes (N completions, T completion
+tokens, V vocabulary), e.g. 64 · 512 · 150k · 4 B = 20 GB for a modern vocabulary: fine for
+small models and short completions, not for long ones. The surrogate gradient and each Fisher
+product also hold the autograd graph of the whole rollout (micro-batches are summed into one
+graph), so the rollout size is bounded by activation memory. Forward passes run in eval mode
+(no dropout), so the KL at θ_old is exactly 0 and the Fisher products are deterministic.
+
+Diagnostics: kl (the measured KL̄ after the step; 0 when it was rejected), step_accepted,
+accepted_fraction (over the run so far), line_search_steps, surrogate_gain, expected_gain
+(first-order prediction of the full step), step_norm, entropy (of the rollout policy); with
+gae also value_loss, explained_variance, return_mean, value_mean.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+
+from .trainer.base import RLTrainer, Rollout, _set_dropout_zero
+from .trainer.config import ConfigError, RLConfig
+from .ppo import critic_values, explained_variance, masked_mean, masked_var, masked_whiten, token_rewards
+from .value_model import ValueModel, build_value_model
+
+__all__ = ["TRPOConfig", "TRPOTrainer"]
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass
+class TRPOConfig(RLConfig):
+    """Configuration of TRPOTrainer (names from Schulman et al. 2015)."""
+
+    output_dir: str = "runs/trpo"
+    """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group of the group baseline; may be 1 with advantage_estimator=gae)."""
+    advantage_estimator: str = "group"
+    """Advantages: group (group_advantages over each prompt's completions, as GRPO) or gae (a value model and GAE, as PPO)."""
+    scale_rewards: str = "group"
+    """With advantage_estimator=group: divide by the std of the group, of the batch, or none."""
+    max_kl: float = 0.01
+    """delta: the bound on the mean per-token KL(pi_old || pi_theta) of each step."""
+    cg_iters: int = 10
+    """Conjugate-gradient iterations for the natural-gradient direction."""
+    cg_damping: float = 0.1
+    """Damping added to the Fisher matrix (F + damping I) in the conjugate gradient."""
+    backtrack_iters: int = 10
+    """Line-search steps before the update is rejected."""
+    backtrack_ratio: float = 0.5
+    """Step shrink factor of each line-search step."""
+    accept_ratio: float = 0.0
+    """Accept a line-search step only if its surrogate gain exceeds accept_ratio times the first-order prediction."""
+    gamma: float = 1.0
+    """Discount factor of GAE (advantage_estimator=gae)."""
+    lam: float = 0.95
+    """GAE lambda (advantage_estimator=gae)."""
+    whiten_advantages: bool = True
+    """With gae: normalise the advantages to mean 0, std 1 over the rollout's completion tokens."""
+    value_model: Optional[str] = None
+    """Critic with gae: a local path (ValueModel.save_pretrained directory or any model's trunk); None: a copy of the policy with a fresh head."""
+    vf_learning_rate: float = 1e-3
+    """AdamW learning rate of the critic (its own optimiser; the policy moves only by the TRPO step)."""
+    vf_iters: int = 4
+    """Passes of critic regression over each rollout (minibatches of per_device_train_batch_size)."""
+
+    _CHOICES = dict(RLConfig._CHOICES, **{
+        "advantage_estimator": ("group", "gae"),
+        "scale_rewards": ("group", "batch", "none"),
+    })
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 1:
+            raise ConfigError(f"num_generations={self.num_generations}: must be >= 1")
+        if self.advantage_estimator == "group" and self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations}: advantage_estimator=group needs >= 2 "
+                              "(a group of one has no baseline); use advantage_estimator=gae")
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ConfigError(f"per_device_train_batch_size * gradient_accumulation_steps = {completions} "
+                              f"completions per step is not a multiple of num_generations={self.num_generations}")
+        if not self.max_kl > 0:
+            raise ConfigError(f"max_kl={self.max_kl}: must be > 0")
+        for name in ("cg_iters", "backtrack_iters", "vf_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.cg_damping < 0:
+            raise ConfigError(f"cg_damping={self.cg_damping}: must be >= 0")
+        if not 0 < self.backtrack_ratio < 1:
+            raise ConfigError(f"backtrack_ratio={self.backtrack_ratio}: must be in (0, 1)")
+        if self.accept_ratio < 0:
+            raise ConfigError(f"accept_ratio={self.accept_ratio}: must be >= 0")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
+        if not self.vf_learning_rate > 0:
+            raise ConfigError(f"vf_learning_rate={self.vf_learning_rate}: must be > 0")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+class TRPOTrainer(RLTrainer):
+    """Trust Region Policy Optimization (Schulman et al. 2015) for causal LMs.
+
+    Args:
+        model, reward_funcs, train_dataset, tokenizer, peft_config, callbacks: as GRPOTrainer
+            (with peft_config only the adapter moves, and the Fisher products are over it only).
+        config: TRPOConfig.
+        value_model: the critic with advantage_estimator="gae" (a ValueModel, a transformers model
+            whose trunk gets a fresh head, or a local path); default: a copy of the policy.
+        ref_model: unused (TRPO's constraint is to the rollout policy); accepted for a uniform API.
+
+    The policy is updated only by the TRPO step; the AdamW the base trainer builds over the policy
+    parameters is never stepped. The critic (gae) has its own AdamW; both its weights and its
+    optimiser state are in every checkpoint, and it is saved to OUTPUT_DIR/final/value_model.
+    """
+
+    config_class = TRPOConfig
+    algorithm = "trpo"
+
+    def __init__(self, model, reward_funcs, train_dataset, *, config: Optional[TRPOConfig] = None,
+                 tokenizer=None, ref_model=None, peft_config=None, value_model=None, callbacks=None):
+        self._user_value_model = value_model
+        super().__init__(model, reward_funcs, train_dataset, config=config, tokenizer=tokenizer,
+                         ref_model=ref_model, peft_config=peft_config, callbacks=callbacks)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self) -> None:
+        cfg: TRPOConfig = self.config
+        self._user_ref_model = None
+        self.value_model: Optional[ValueModel] = None
+        self.vf_optimizer = None
+        if cfg.advantage_estimator == "gae":
+            spec = self._user_value_model if self._user_value_model is not None else cfg.value_model
+            self.value_model = build_value_model(spec, self.model).to(self.device)
+            if cfg.disable_dropout:
+                _set_dropout_zero(self.value_model)
+            self.vf_optimizer = torch.optim.AdamW(
+                [p for p in self.value_model.parameters() if p.requires_grad], lr=cfg.vf_learning_rate,
+                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        self._user_value_model = None
+        self.steps_accepted = 0
+        self.steps_tried = 0
+
+    def prompts_per_step(self) -> int:
+        return self.config.rollout_size // self.config.num_generations
+
+    def generations_per_prompt(self) -> int:
+        return self.config.num_generations
+
+    def extra_state(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"steps_accepted": self.steps_accepted, "steps_tried": self.steps_tried}
+        if self.value_model is not None:
+            state["critic"] = {k: v.detach().cpu().clone() for k, v in self.value_model.state_dict().items()}
+            state["vf_optimizer"] = self.vf_optimizer.state_dict()
+        return state
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.steps_accepted = int(state.get("steps_accepted", 0))
+        self.steps_tried = int(state.get("steps_tried", 0))
+        if self.value_model is not None:
+            if "critic" not in state:
+                raise ValueError("checkpoint has no value model state (written with advantage_estimator=group?)")
+            self.value_model.load_state_dict(state["critic"])
+            self.vf_optimizer.load_state_dict(state["vf_optimizer"])
+
+    def save_final(self) -> str:
+        path = super().save_final()
+        if self.value_model is not None:
+            from .trainer.checkpoint import quiet_progress
+
+            with quiet_progress():
+                self.value_model.save_pretrained(os.path.join(path, "value_model"))
+        return path
+
+    # ------------------------------------------------------------------ advantages
+    def _micro_batches(self, n: int):
+        mb = self.config.per_device_train_batch_size
+        return [slice(s, s + mb) for s in range(0, n, mb)]
+
+    @torch.no_grad()
+    def _old_policy(self, batch: Rollout) -> None:
+        """Store the rollout policy's log_softmax over V (N, T, V) and its token logps (N, T)."""
+        from grpo_fast import selective_log_softmax
+
+        was = self.model.training
+        self.model.eval()
+        full, logps = [], []
+        for rows in self._micro_batches(len(batch)):
+            logits = self.forward_logits(self.model, batch, rows)              # (n, T, V)
+            logits = logits.to(_at_least_float32(logits.dtype))
+            full.append(torch.log_softmax(logits / self.config.temperature, dim=-1)
+                        .clamp(min=torch.finfo(logits.dtype).min))             # -inf -> finite: 0·(-inf) is NaN
+            logps.append(selective_log_softmax(logits, batch.completion_ids[rows], self.config.temperature))
+        self.model.train(was)
+        batch.extras["old_log_softmax"] = torch.cat(full)                       # (N, T, V)
+        batch.old_logps = torch.cat(logps)                                      # (N, T)
+
+    def compute_advantages(self, batch: Rollout) -> None:
+        cfg: TRPOConfig = self.config
+        mask = batch.completion_mask
+        nan = torch.isnan(batch.rewards).to(mask.device)
+        drop = nan if not cfg.mask_truncated_completions else nan | batch.truncated.to(mask.device)
+        if drop.any():  # no reward (or masked truncation): out of the surrogate and the KL
+            batch.completion_mask = mask = mask * (~drop).to(mask.dtype)[:, None]
+        self._old_policy(batch)
+        metrics: Dict[str, float] = {}
+        if cfg.advantage_estimator == "group":
+            from grpo_fast import group_advantages
+
+            adv = group_advantages(batch.rewards, batch.group_size, scale=cfg.scale_rewards)
+            batch.advantages = adv.to(self.device)[:, None] * mask.to(torch.float32)   # (N, T)
+        else:
+            from grpo_fast import gae
+
+            scores = torch.nan_to_num(batch.rewards, nan=0.0).to(self.device)
+            values = self._values(batch) * mask.to(torch.float32)              # (N, T)
+            rewards = token_rewards(scores, mask)
+            advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            metrics["return_mean"] = float(masked_mean(returns, mask))
+            metrics["value_mean"] = float(masked_mean(values, mask))
+            metrics["advantage_std"] = float(masked_var(advantages, mask).sqrt())
+            metrics["explained_variance"] = explained_variance(values, returns, mask)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+            batch.advantages = advantages
+            batch.extras["returns"] = returns
+        batch.extras["metrics"] = metrics
+
+    @torch.no_grad()
+    def _values(self, batch: Rollout) -> torch.Tensor:
+        was = self.value_model.training
+        self.value_model.eval()
+        values = torch.cat([critic_values(self.value_model, batch, rows).float()
+                            for rows in self._micro_batches(len(batch))])
+        self.value_model.train(was)
+        return values
+
+    # ------------------------------------------------------------------ surrogate and KL
+    def surrogate(self, batch: Rollout) -> torch.Tensor:
+        """L(θ) = Σ m·ρ·A / Σ m over the rollout (differentiable when grad is enabled)."""
+        from grpo_fast import selective_log_softmax
+
+        mask = batch.completion_mask.to(torch.float32)
+        total = mask.sum().clamp(min=1)
+        out = 0.0
+        for rows in self._micro_batches(len(batch)):
+            logits = self.forward_logits(self.model, batch, rows)              # (n, T, V)
+            logps = selective_log_softmax(logits, batch.completion_ids[rows], self.config.temperature)
+            ratio = torch.exp(logps - batch.old_logps[rows])                   # (n, T)
+            out = out + (ratio * batch.advantages[rows] * mask[rows]).sum()
+        return out / total
+
+    def mean_kl(self, batch: Rollout) -> torch.Tensor:
+        """KL̄(θ) = Σ m · KL(π_old || π_θ) / Σ m, the KL over the full next-token distribution.
+
+        Plain torch log_softmax (twice differentiable, for the Fisher-vector products).
+        """
+        mask = batch.completion_mask.to(torch.float32)
+        total = mask.sum().clamp(min=1)
+        old_all = batch.extras["old_log_softmax"]
+        out = 0.0
+        for rows in self._micro_batches(len(batch)):
+            logits = self.forward_logits(self.model, batch, rows)              # (n, T, V)
+            new = torch.log_softmax(logits.to(_at_least_float32(logits.dtype)) / self.config.temperature, dim=-1)
+            old = old_all[rows]
+            kl = (old.exp() * (old - new)).sum(-1)                              # (n, T)
+            out = out + (kl * mask[rows]).sum()
+        return out / total
+
+    # ------------------------------------------------------------------ the update
+    def update(self, batch: Rollout) -> Dict[str, Any]:
+        from .natural_gradient import trpo_step
+
+        cfg: TRPOConfig = self.config
+        params = self.trainable_parameters()
+        was = self.model.training
+        self.model.eval()  # deterministic forwards: KL̄(θ_old) = 0 and reproducible Fisher products
+        try:
+            res = trpo_step(params, lambda: self.surrogate(batch), lambda: self.mean_kl(batch), cfg.max_kl,
+                            cg_iters=cfg.cg_iters, damping=cfg.cg_damping, backtrack_iters=cfg.backtrack_iters,
+                            backtrack_ratio=cfg.backtrack_ratio, accept_ratio=cfg.accept_ratio)
+        finally:
+            self.model.train(was)
+        for p in params:
+            p.grad = None
+        self.steps_tried += 1
+        self.steps_accepted += int(res.accepted)
+        old = batch.extras["old_log_softmax"]
+        m = batch.completion_mask
+        entropy = -(old.exp() * old).sum(-1)                                    # (N, T)
+        metrics: Dict[str, Any] = {
+            "kl": res.kl, "step_accepted": float(res.accepted),
+            "accepted_fraction": self.steps_accepted / self.steps_tried,
+            "line_search_steps": res.line_search_steps, "surrogate_gain": res.surrogate_gain,
+            "expected_gain": res.expected_gain, "step_norm": res.step_norm,
+            "entropy": float(masked_mean(entropy, m)),
+        }
+        if self.value_model is not None:
+            metrics["value_loss"] = self._fit_critic(batch)
+        return metrics
+
+    def _fit_critic(self, batch: Rollout) -> float:
+        """vf_iters passes of 0.5·(V - R)² regression (masked token mean per minibatch); mean loss."""
+        cfg: TRPOConfig = self.config
+        mask = batch.completion_mask
+        returns = batch.extras["returns"]
+        params = [p for g in self.vf_optimizer.param_groups for p in g["params"]]
+        self.value_model.train()
+        losses = []
+        N, mb = len(batch), cfg.per_device_train_batch_size
+        for _ in range(cfg.vf_iters):
+            order = torch.randperm(N).to(mask.device)  # global RNG: checkpointed, so resume is exact
+            for start in range(0, N, mb):
+                rows = order[start:start + mb]
+                m = mask[rows].to(torch.float32)
+                values = critic_values(self.value_model, batch, rows)          # (n, T)
+                loss = 0.5 * (((values - returns[rows]) ** 2) * m).sum() / m.sum().clamp(min=1)
+                self.vf_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.vf_optimizer.step()
+                losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
