@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_fast-installed
 
-.PHONY: setup test test-fast demo bench bench-cpu cuda-compile clean
+.PHONY: setup test test-fast demo bench cuda-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,11 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/grpo-fast train
 
+# the peers: TRL (CPU and GPU); Liger-Kernel only on a CUDA machine (scripts/gpu_validate.sh)
 bench: setup
-	$(PY) -m pytest -q bench --benchmark-columns=median,min,max,rounds
+	$(PIP) install -q "trl>=1.16"
+	$(PY) -m pytest -q bench --benchmark-columns=median,min,max,rounds --benchmark-json=.benchmarks/last.json
+	$(PY) bench/report.py .benchmarks/last.json
 
 # compile the CUDA sources with the local nvcc (no GPU needed): the CI check that they build
 cuda-compile:
