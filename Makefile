@@ -37,6 +37,7 @@ demo: setup
 # the peers: TRL (CPU and GPU); Liger-Kernel only on a CUDA machine (scripts/gpu_validate.sh)
 bench: setup
 	$(PIP) install -q "trl>=1.16"
+	mkdir -p .benchmarks
 	$(PY) -m pytest -q bench --benchmark-columns=median,min,max,rounds --benchmark-json=.benchmarks/last.json
 	$(PY) bench/report.py .benchmarks/last.json
 

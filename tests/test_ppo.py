@@ -233,3 +233,21 @@ def test_cli_runs_ppo_on_the_demo(tmp_path, capsys):
     assert "(ppo)" in out and "mean reward" in out
     assert ckpt.list_checkpoints(str(tmp_path / "cli"))[-1].endswith("checkpoint-2")
     assert os.path.isdir(tmp_path / "cli" / "final" / "value_model")
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_peft_policy(parts, tmp_path, share):
+    """LoRA policy: the reference is the base with the adapter off; the base weights never move."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    cfg = small_config(tmp_path, beta=0.1, share_policy_trunk=share, save_final_model=True)
+    trainer = make_trainer(parts, cfg, peft_config=lora)
+    assert trainer.ref_model is None and trainer.is_peft
+    frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    history = trainer.train()
+    assert abs(history[0]["kl"]) < 1e-5 and history[-1]["kl"] != 0.0  # adapter starts at zero, then moves
+    for n, p in trainer.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    final = os.path.join(cfg.output_dir, "final")
+    assert os.path.isfile(os.path.join(final, "value_head.safetensors" if share else "value_model/config.json"))
