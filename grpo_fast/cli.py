@@ -5,6 +5,7 @@
     grpo-fast train --algorithm grpo --model ./my-model --dataset_path prompts.jsonl \\
                     --reward_funcs accuracy format --reward_weights 1.0 0.2
     grpo-fast plot runs/demo                         # PNGs of the metric curves into runs/demo/plots
+    torchrun --nproc_per_node 4 -m grpo_fast train --config run.yaml [--distributed fsdp2]   # docs/distributed.md
 
 Every field of the algorithm's config is an option (--FIELD VALUE; booleans also as a bare --FIELD);
 command-line values override the YAML file, which overrides the defaults.
@@ -153,7 +154,28 @@ def _load_reward(spec: str):
                    "module:function, path/to/file.py:function, or a reward-model directory")
 
 
+def _is_rank0() -> bool:
+    """Under torchrun only rank 0 prints the run's summary lines."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _end_process_group() -> None:
+    """torchrun runs: leave the process group cleanly (the trainer joined it from the environment)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(argv: List[str]) -> int:
+    try:
+        return _train(argv)
+    finally:
+        if "torch.distributed" in sys.modules:
+            _end_process_group()
+
+
+def _train(argv: List[str]) -> int:
     from .trainer.config import ConfigError
 
     algorithm, config_cls, trainer_cls, values = parse_train_args(argv)
@@ -163,7 +185,9 @@ def cmd_train(argv: List[str]) -> int:
         defaults = {k: v for k, v in demo.demo_config_defaults().items() if k in config_cls.field_names()}
         defaults.update(values)
         config = config_cls.from_dict(defaults, source="command line")
-        print(f"[grpo-fast] no --model given: running the built-in demo task ({algorithm}) into {config.output_dir}")
+        if _is_rank0():
+            print(f"[grpo-fast] no --model given: running the built-in demo task ({algorithm}) "
+                  f"into {config.output_dir}")
         demo.run_demo(config, trainer_cls=trainer_cls)
         return 0
     config = config_cls.from_dict(values, source="command line")
@@ -177,7 +201,7 @@ def cmd_train(argv: List[str]) -> int:
     trainer = trainer_cls(config.model_name_or_path, funcs, data, config=config)
     history = trainer.train()
     rewards = [h["reward"] for h in history if h.get("reward") is not None]
-    if rewards:
+    if rewards and _is_rank0():
         print(f"[grpo-fast] reward {rewards[0]:.3f} -> {rewards[-1]:.3f} over {trainer.global_step} steps "
               f"in {time.perf_counter() - t0:.0f}s; metrics {trainer.metrics_path}; model {trainer.final_dir}")
     return 0

@@ -22,8 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import distributed as dist_utils
 from . import checkpoint as ckpt
-from .config import RLConfig
+from .config import ConfigError, RLConfig
 from .tracking import MetricsTracker
 
 __all__ = ["RLTrainer", "Rollout", "RewardFunctionError", "PromptSampler"]
@@ -142,6 +143,9 @@ class RLTrainer:
 
     config_class = RLConfig
     algorithm = "base"
+    # True when update() returns metrics already reduced over ranks (identical on every rank);
+    # otherwise the base averages them over ranks
+    update_metrics_reduced = False
 
     def __init__(self, model, reward_funcs, train_dataset, *, config: Optional[RLConfig] = None,
                  tokenizer=None, ref_model=None, peft_config=None,
@@ -150,8 +154,11 @@ class RLTrainer:
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"config: expected {self.config_class.__name__}, got {type(self.config).__name__}")
         cfg = self.config
+        # torchrun with WORLD_SIZE > 1: join the process group (a plain run gets a world of one)
+        self.dist = dist_utils.init_from_env(cfg.distributed, cfg.ddp_timeout)
+        # the same seed on every rank until the model is wrapped: identical initialisation (LoRA...)
         self._seed_everything(cfg.seed)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self._pick_device(cfg.device)
 
         self.model, self.tokenizer = self._load_model(model, tokenizer)
         if peft_config is not None:
@@ -183,6 +190,17 @@ class RLTrainer:
         self._index_logits_to_keep: Optional[bool] = None  # learnt on the first policy forward
         self.callbacks = list(callbacks or [])
         self.setup()  # HOOK: reference / value models
+        W = self.dist.world_size
+        if self.prompts_per_step() % W:
+            raise ConfigError(f"{self.prompts_per_step()} prompts per step (the global batch) cannot be split "
+                              f"evenly over {W} processes: make it a multiple of the world size")
+        if self.dist.mode == "fsdp2" and self.is_peft:
+            raise ConfigError("distributed=fsdp2 with a PEFT adapter is not supported; use distributed=ddp")
+        # the module gradient-carrying forwards go through: DDP wrapper, the FSDP2-sharded model, or
+        # the model itself; self.model stays the unwrapped policy (generate, adapters, saving)
+        self.wrapped_model = dist_utils.wrap_model(self.model, self.dist)
+        if self.dist.enabled:  # from here on each rank samples its own completions
+            self._seed_everything(cfg.seed + self.dist.rank)
         params = [p for p in self.trainable_parameters()]
         # the fused AdamW (one kernel over all parameters; CPU and CUDA) unless a parameter rules it out
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
@@ -235,6 +253,17 @@ class RLTrainer:
         """HOOK: restore what extra_state() returned."""
 
     # ------------------------------------------------------------------ setup helpers
+    def _pick_device(self, spec: Optional[str]) -> torch.device:
+        if self.dist.enabled and torch.cuda.is_available() and spec in (None, "cuda"):
+            return torch.device("cuda", self.dist.local_rank)   # one GPU per rank
+        return torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _local_indices(self, indices: List[int]) -> List[int]:
+        """This rank's contiguous slice of the step's global prompts (whole groups per rank)."""
+        W, r = self.dist.world_size, self.dist.rank
+        k = len(indices) // W
+        return indices[r * k:(r + 1) * k]
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
@@ -374,7 +403,10 @@ class RLTrainer:
         was_training = model.training
         model.eval()
         gen_config = GenerationConfig(**self.generation_kwargs())
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        # FSDP2: every forward is a collective, so ranks keep stepping until all have finished
+        synced = {"synced_gpus": True} if self.dist.enabled and self.dist.mode == "fsdp2" else {}
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
+                             **synced)
         if was_training:
             model.train()
         completion_ids = out[:, prompt_ids.shape[1]:]                          # (N, T)
@@ -483,9 +515,20 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ metrics
     def rollout_metrics(self, batch: Rollout) -> Dict[str, float]:
+        """Reward / length statistics of the step's global batch (the same numbers on every rank)."""
+        lengths = batch.completion_mask.sum(1).float()                           # (N,)
+        rewards, per_func, truncated = batch.rewards, batch.rewards_per_func, batch.truncated
+        if self.dist.enabled:  # 2 + F floats per completion: gather them and compute once, exactly
+            local = torch.cat([rewards.float()[:, None], per_func.float(), lengths.cpu()[:, None],
+                               truncated.float().cpu()[:, None]], dim=1)          # (N, F + 3)
+            full = self.dist.all_gather(local)                                   # (W * N, F + 3)
+            rewards, per_func = full[:, 0], full[:, 1:-2]
+            lengths, truncated = full[:, -2], full[:, -1] > 0.5
+        return self._reward_stats(rewards, per_func, lengths, truncated, batch.group_size)
+
+    def _reward_stats(self, rewards, rewards_per_func, lengths, truncated, G: int) -> Dict[str, float]:
         m: Dict[str, float] = {}
-        r = batch.rewards.double()
-        G = batch.group_size
+        r = rewards.double()
         valid = ~torch.isnan(r)
         m["reward"] = float(r[valid].mean()) if valid.any() else float("nan")
         # per-group std over the rewards that exist (Bessel-corrected; groups of < 2 count as 0)
@@ -497,42 +540,70 @@ class RLTrainer:
         m["reward_std"] = float(std.mean())
         m["frac_reward_zero_std"] = float((std == 0).double().mean())
         for j, name in enumerate(self.reward_names):
-            col = batch.rewards_per_func[:, j]
+            col = rewards_per_func[:, j]
             ok = col[~torch.isnan(col)]
             m[f"rewards/{name}/mean"] = float(ok.mean()) if ok.numel() else float("nan")
             m[f"rewards/{name}/std"] = float(ok.std()) if ok.numel() > 1 else 0.0
-        lengths = batch.completion_mask.sum(1).float()
         m["completion_length"] = float(lengths.mean())
         m["completion_length_min"] = float(lengths.min())
         m["completion_length_max"] = float(lengths.max())
-        m["clipped_ratio"] = float(batch.truncated.float().mean())
+        m["clipped_ratio"] = float(truncated.float().mean())
         return m
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> Dict[str, Any]:
-        return {"step": self.global_step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
-                "sampler": self.sampler.state_dict(), "history": self.history, "num_tokens": self.num_tokens,
-                "config": self.config.to_dict(), "algorithm": self.algorithm, "extra": self.extra_state()}
+        sharded = self.dist.enabled and self.dist.mode == "fsdp2"
+        state = {"step": self.global_step, "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+                 "sampler": self.sampler.state_dict(), "history": self.history, "num_tokens": self.num_tokens,
+                 "config": self.config.to_dict(), "algorithm": self.algorithm, "extra": self.extra_state()}
+        if not sharded:  # FSDP2: the optimiser state goes into the sharded files with the model
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.dist.enabled:  # every rank's generators, so each rank resumes its own sampling exactly
+            state["rng_per_rank"] = self.dist.all_gather_object(state["rng"])
+            state["world_size"] = self.dist.world_size
+            state["distributed"] = self.dist.mode
+        return state
 
     def save_checkpoint(self) -> str:
+        """Collective under torchrun: every rank calls it (rank 0 writes, FSDP2 ranks write their shards)."""
         self.last_checkpoint = ckpt.save_checkpoint(self.config.output_dir, self.global_step, self.model,
-                                                    self.tokenizer, self._state(), self.config.save_total_limit)
+                                                    self.tokenizer, self._state(), self.config.save_total_limit,
+                                                    dist=self.dist, optimizer=self.optimizer)
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str) -> None:
         state = ckpt.load_state(path)
         if state.get("algorithm", self.algorithm) != self.algorithm:
             raise ValueError(f"checkpoint {path} was written by the {state['algorithm']} trainer, not {self.algorithm}")
-        ckpt.load_model_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_world = int(state.get("world_size", 1))
+        if ckpt.is_sharded(path):
+            if not (self.dist.enabled and self.dist.mode == "fsdp2") or saved_world != self.dist.world_size:
+                raise ValueError(f"checkpoint {path} is an FSDP2 checkpoint sharded over {saved_world} processes: "
+                                 f"resume it with distributed=fsdp2 on {saved_world} processes (this run: "
+                                 f"{self.dist.mode} on {self.dist.world_size})")
+            ckpt.load_sharded(path, self.model, self.optimizer)
+        else:
+            if self.dist.enabled and self.dist.mode == "fsdp2":
+                raise ValueError(f"checkpoint {path} is not sharded: resume it with distributed=ddp")
+            ckpt.load_model_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = int(state["step"])
         self.history = list(state["history"])
         self.num_tokens = int(state.get("num_tokens", 0))
         self.load_extra_state(state.get("extra", {}))
-        ckpt.set_rng_state(state["rng"])  # last: nothing after it may draw random numbers
+        per_rank = state.get("rng_per_rank")
+        # last: nothing after it may draw random numbers
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            ckpt.set_rng_state(per_rank[self.dist.rank])
+        elif not self.dist.enabled:
+            ckpt.set_rng_state(state["rng"] if per_rank is None else per_rank[0])
+        else:  # another world size: the weights, optimiser and data order carry over, sampling restarts
+            if self.dist.is_main:
+                print(f"[grpo_fast] {path} was written by {saved_world} process(es), this run has "
+                      f"{self.dist.world_size}: random generators reseeded per rank")
+            self._seed_everything(self.config.seed + 1_000_003 * self.global_step + self.dist.rank)
         self.last_checkpoint = path
 
     # ------------------------------------------------------------------ the loop
@@ -543,10 +614,12 @@ class RLTrainer:
         resume = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
-        cfg.to_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+        main = self.dist.is_main  # only rank 0 writes logs, the progress bar, plots and the final model
+        if main:
+            cfg.to_yaml(os.path.join(cfg.output_dir, "config.yaml"))
         tracker = MetricsTracker(cfg.output_dir, max_steps=cfg.max_steps, start_step=self.global_step,
                                  history=self.history, report_to=cfg.report_to, disable_tqdm=cfg.disable_tqdm,
-                                 desc=self.algorithm)
+                                 desc=self.algorithm, enabled=main)
         stopped = False
         try:
             while self.global_step < cfg.max_steps:
@@ -555,7 +628,7 @@ class RLTrainer:
                 if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
                     self.history.append(metrics)
                     tracker.log(metrics)
-                stop = any(bool(cb(self, metrics)) for cb in self.callbacks)
+                stop = self.dist.any(any(bool(cb(self, metrics)) for cb in self.callbacks))
                 if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
                     self.save_checkpoint()
                 if stop:
@@ -569,26 +642,33 @@ class RLTrainer:
         if not stopped:
             if cfg.save_final_model:
                 self.save_final()
-            if cfg.plot:
+            if cfg.plot and main:
                 self.write_plots()
+        self.dist.barrier()  # no rank returns before rank 0 has written everything
         return self.history
 
     def training_step(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        indices = self.sampler.take(self.prompts_per_step())
+        # every rank draws the same global prompts and keeps its own slice
+        indices = self._local_indices(self.sampler.take(self.prompts_per_step()))
         batch = self.rollout(indices)
         t_gen = time.perf_counter() - t0
         self.compute_rewards(batch, self.global_step + 1)
         self.compute_advantages(batch)
         update_metrics = self.update(batch)
+        if not self.update_metrics_reduced:
+            update_metrics = self.dist.mean_metrics(update_metrics)
         self.global_step += 1
         dt = time.perf_counter() - t0
         tokens = int(batch.prompt_mask.sum() + batch.completion_mask.sum())
+        if self.dist.enabled:  # global tokens; the slowest rank's times
+            tokens = int(self.dist.sum_floats([tokens])[0])
+            dt, t_gen = self.dist.all_reduce(torch.tensor([dt, t_gen], dtype=torch.float64), "max").tolist()
         self.num_tokens += tokens
         metrics: Dict[str, Any] = {"step": self.global_step}
         metrics.update(self.rollout_metrics(batch))
         metrics.update(update_metrics)
-        metrics.update(batch.extras.get("metrics", {}))
+        metrics.update(self.dist.mean_metrics(batch.extras.get("metrics", {})))
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         metrics["num_tokens"] = self.num_tokens
         metrics["tokens_per_s"] = tokens / dt
@@ -597,13 +677,23 @@ class RLTrainer:
         return metrics
 
     def save_final(self) -> str:
+        """Collective under torchrun (FSDP2 gathers the full weights); rank 0 writes."""
         path = os.path.join(self.config.output_dir, "final")
         model = self.model
-        if self.is_peft and hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload()
-        with ckpt.quiet_progress():
-            model.save_pretrained(path, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+        if self.dist.enabled and self.dist.mode == "fsdp2":
+            state = ckpt.full_model_state(model)    # every rank takes part; rank 0 gets the tensors
+            if self.dist.is_main:
+                with ckpt.quiet_progress():
+                    model.save_pretrained(path, state_dict=state, safe_serialization=True)
+                    self.tokenizer.save_pretrained(path)
+            self.final_dir = path
+            return path
+        if self.dist.is_main:
+            if self.is_peft and hasattr(model, "merge_and_unload"):
+                model = copy.deepcopy(model).merge_and_unload()
+            with ckpt.quiet_progress():
+                model.save_pretrained(path, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
         self.final_dir = path
         return path
 

@@ -5,6 +5,12 @@ A checkpoint is written into a temporary sibling directory, every file is fsynce
 then is the directory renamed to checkpoint-N (rename is atomic on POSIX). A process killed
 during a save leaves a `.tmp-*` directory that loaders ignore, and the previous checkpoint
 untouched. A directory counts as a checkpoint only when it holds trainer_state.pt.
+
+Under torchrun (see grpo_fast.distributed): with DDP rank 0 writes the unwrapped model and the
+state as above (every rank's RNG state inside it); with FSDP2 every rank writes its shards of
+the model and optimiser with torch.distributed.checkpoint into checkpoint-N/sharded/, and rank 0
+adds the model config, tokenizer and trainer_state.pt, then renames the directory. Either way
+the rename happens after all ranks have finished writing, so the atomicity holds.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -80,8 +87,23 @@ def _is_peft(model) -> bool:
 
 
 def save_checkpoint(output_dir: str, step: int, model, tokenizer, state: Dict[str, Any],
-                    save_total_limit: Optional[int] = None) -> str:
-    """Write OUTPUT_DIR/checkpoint-STEP atomically; returns its path."""
+                    save_total_limit: Optional[int] = None, *, dist=None, optimizer=None) -> str:
+    """Write OUTPUT_DIR/checkpoint-STEP atomically; returns its path.
+
+    dist: a grpo_fast.distributed.DistContext; under torchrun every rank must call this.
+    optimizer: needed for FSDP2 (its sharded state is saved with the model's shards).
+    """
+    if dist is None or not dist.enabled:
+        return _write(output_dir, step, model, tokenizer, state, save_total_limit)
+    if dist.mode == "fsdp2":
+        return _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, dist, optimizer)
+    final = None
+    if dist.is_main:  # DDP: the replicas are identical, rank 0 writes
+        final = _write(output_dir, step, model, tokenizer, state, save_total_limit)
+    return dist.broadcast_object(final)  # also a barrier: the checkpoint exists when any rank returns
+
+
+def _prepare_dirs(output_dir: str, step: int):
     os.makedirs(output_dir, exist_ok=True)
     for name in os.listdir(output_dir):  # leftovers of saves that were killed
         if name.startswith(".tmp-checkpoint-") or name.startswith(".old-checkpoint-"):
@@ -89,10 +111,19 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, state: Dict[st
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     os.makedirs(tmp)
+    return final, tmp
+
+
+def _write(output_dir, step, model, tokenizer, state, save_total_limit) -> str:
+    final, tmp = _prepare_dirs(output_dir, step)
     with quiet_progress():
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return _commit(output_dir, step, final, tmp, state, save_total_limit)
+
+
+def _commit(output_dir, step, final, tmp, state, save_total_limit) -> str:
     torch.save(state, os.path.join(tmp, STATE_FILE))
     _fsync_tree(tmp)
     old = None
@@ -107,6 +138,49 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, state: Dict[st
         for path in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, dist, optimizer) -> str:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    paths = _prepare_dirs(output_dir, step) if dist.is_main else None
+    final, tmp = dist.broadcast_object(paths)
+    model_sd, optim_sd = get_state_dict(model, optimizer)          # collective: DTensor shards
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, SHARDED_DIR))
+    dist.barrier()                                                   # every shard is on disk
+    out = None
+    if dist.is_main:
+        with quiet_progress():
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        out = _commit(output_dir, step, final, tmp, state, save_total_limit)
+    return dist.broadcast_object(out)
+
+
+def is_sharded(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, SHARDED_DIR))
+
+
+def load_sharded(path: str, model, optimizer) -> None:
+    """Restore an FSDP2 model and optimiser from checkpoint-N/sharded (same world size); collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model on CPU; collective, rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def list_checkpoints(output_dir: str):

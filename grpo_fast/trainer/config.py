@@ -116,11 +116,17 @@ class RLConfig:
     """Resume from this checkpoint directory, or 'latest' for the newest one in output_dir."""
     plot: bool = True
     """Write PNG plots of the metric curves to OUTPUT_DIR/plots at the end."""
+    # --- scale-out (used only under torchrun with WORLD_SIZE > 1; see docs/distributed.md)
+    distributed: str = "ddp"
+    """Parallelism across torchrun processes: ddp (replicated policy) or fsdp2 (fully_shard per decoder layer, sharded checkpoints)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait for the other ranks before the process group fails."""
 
     _CHOICES = {
         "dtype": ("float32", "bfloat16", "float16", "auto"),
         "lr_scheduler_type": ("constant", "linear", "cosine"),
         "report_to": ("tensorboard", "none"),
+        "distributed": ("ddp", "fsdp2"),
     }
 
     # ------------------------------------------------------------------ validation
@@ -140,7 +146,7 @@ class RLConfig:
             if value not in choices:
                 raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
         positive = ["learning_rate", "max_steps", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "max_completion_length", "temperature", "logging_steps"]
+                    "gradient_accumulation_steps", "max_completion_length", "temperature", "logging_steps", "ddp_timeout"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0")

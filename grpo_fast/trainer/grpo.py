@@ -5,15 +5,24 @@ The update rule on top of RLTrainer's rollout / rewards / logging / checkpoints:
   old logps   only when num_iterations > 1 (the rollout policy, before any update)
   ref logps   only when beta > 0 (frozen copy, or the PEFT base with the adapter disabled)
   update      num_iterations x [gradient_accumulation_steps micro-batches -> one optimiser step]
+
+Under torchrun each rank holds whole groups (its slice of the step's prompts): advantages are
+computed on the all-gathered reward vector (so scale_rewards="batch" uses the global batch std),
+dapo's normaliser is the all-rank token count over the world size (DDP / FSDP2 average the
+gradients), and the other losses average micro-batch means, which the gradient average makes
+the global mean; no gradient sync on all but the last micro-batch. The result equals a
+one-process step on the same global batch (tests/test_distributed.py).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Any, Dict, Optional
 
 import torch
 
+from .. import distributed as dist_utils
 from .base import RLTrainer, Rollout
 from .config import GRPOConfig
 
@@ -39,6 +48,7 @@ class GRPOTrainer(RLTrainer):
 
     config_class = GRPOConfig
     algorithm = "grpo"
+    update_metrics_reduced = True  # update() reduces its metrics over ranks itself, exactly
 
     def __init__(self, model, reward_funcs, train_dataset, *, config: Optional[GRPOConfig] = None,
                  tokenizer=None, ref_model=None, peft_config=None, callbacks=None):
@@ -74,8 +84,15 @@ class GRPOTrainer(RLTrainer):
         from grpo_fast import group_advantages
 
         cfg: GRPOConfig = self.config
-        batch.advantages = group_advantages(batch.rewards, batch.group_size, estimator=cfg.advantage_estimator,
-                                            scale=cfg.scale_rewards).to(self.device)   # (N,)
+        rewards = batch.rewards
+        if self.dist.enabled:  # N floats per rank; the global vector makes "batch" scaling exact
+            rewards = self.dist.all_gather(rewards)                              # (W * N,)
+        adv = group_advantages(rewards, batch.group_size, estimator=cfg.advantage_estimator,
+                               scale=cfg.scale_rewards)
+        if self.dist.enabled:
+            N = len(batch)
+            adv = adv[self.dist.rank * N:(self.dist.rank + 1) * N]
+        batch.advantages = adv.to(self.device)                                   # (N,)
 
     # ------------------------------------------------------------------ log-probs
     def _ref_context(self):
@@ -110,38 +127,33 @@ class GRPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ the update
     def update(self, batch: Rollout) -> Dict[str, Any]:
-        from grpo_fast import policy_loss
-
         cfg: GRPOConfig = self.config
         self._prepare(batch)
         self.model.train()
         N = len(batch)
         mb = cfg.per_device_train_batch_size
-        ga = cfg.gradient_accumulation_steps
+        # this rank's micro-batches: gradient_accumulation_steps on one process, fewer when the
+        # step's global batch is split over ranks (DDP's gradient average restores the global mean)
+        n_micro = math.ceil(N / mb)
         mask = batch.completion_mask
-        # dapo: one normaliser for all micro-batches of the optimiser step (their total token count)
-        num_items = float(mask.sum().clamp(min=1)) if cfg.loss_type == "dapo" else None
+        # dapo: one normaliser for all micro-batches of the optimiser step (their total token count,
+        # over all ranks; divided by the world size because the ranks' gradients are averaged)
+        num_items = None
+        if cfg.loss_type == "dapo":
+            tokens = self.dist.sum_floats([float(mask.sum())])[0]
+            num_items = max(tokens, 1.0) / self.dist.world_size
         sums: Dict[str, float] = {}
         weight_total = 0.0
         loss_total = 0.0
         grad_norms = []
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for start in range(0, N, mb):
+            for i, start in enumerate(range(0, N, mb)):
                 rows = slice(start, start + mb)
-                logits = self.forward_logits(self.model, batch, rows)             # (mb, T, V)
-                out = policy_loss(
-                    logits, batch.completion_ids[rows], batch.advantages[rows], mask[rows],
-                    old_logps=None if batch.old_logps is None else batch.old_logps[rows],
-                    ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows],
-                    loss_type=cfg.loss_type, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-                    epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-                    importance_sampling_level=cfg.importance_sampling_level, entropy_coef=cfg.entropy_coef,
-                    temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                    num_items_in_batch=num_items)
-                # dapo is already normalised over the whole accumulated batch; the others per micro-batch
-                loss = out.loss if cfg.loss_type == "dapo" else out.loss / ga
-                loss.backward()
+                sync = dist_utils.gradient_sync(self.wrapped_model, self.dist, sync=i == n_micro - 1)
+                with sync:
+                    loss, out = self._micro_loss(batch, rows, num_items, n_micro)
+                    loss.backward()
                 loss_total += float(loss.detach())
                 w = float(mask[rows].sum())
                 weight_total += w
@@ -152,14 +164,40 @@ class GRPOTrainer(RLTrainer):
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+            elif self.dist.mode == "fsdp2" and self.dist.enabled:  # sharded grads: the norm is a collective
+                gn = torch.nn.utils.clip_grad_norm_(params, float("inf"), foreach=True)
             else:
                 gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            grad_norms.append(float(gn))
+            grad_norms.append(float(dist_utils.full_tensor(gn)))
             self.optimizer.step()
             self.scheduler.step()
+        keys = sorted(sums)
+        # over ranks: loss is a mean of the ranks' losses (as their gradients), the rest token-weighted
+        totals = self.dist.sum_floats([loss_total, weight_total] + [sums[k] for k in keys])
+        loss_total, weight_total = totals[0] / self.dist.world_size, totals[1]
+        sums = dict(zip(keys, totals[2:]))
         metrics: Dict[str, Any] = {"loss": loss_total / cfg.num_iterations,
                                    "grad_norm": sum(grad_norms) / len(grad_norms)}
         denom = max(weight_total, 1.0)
         for key in ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
             metrics[key] = sums[key] / denom if key in sums else (0.0 if key == "kl" else float("nan"))
         return metrics
+
+    def _micro_loss(self, batch: Rollout, rows: slice, num_items, n_micro: int):
+        from grpo_fast import policy_loss
+
+        cfg: GRPOConfig = self.config
+        mask = batch.completion_mask
+        logits = self.forward_logits(self.wrapped_model, batch, rows)            # (mb, T, V)
+        out = policy_loss(
+            logits, batch.completion_ids[rows], batch.advantages[rows], mask[rows],
+            old_logps=None if batch.old_logps is None else batch.old_logps[rows],
+            ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows],
+            loss_type=cfg.loss_type, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+            epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+            importance_sampling_level=cfg.importance_sampling_level, entropy_coef=cfg.entropy_coef,
+            temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
+            num_items_in_batch=num_items)
+        # dapo is already normalised over the whole accumulated batch; the others per micro-batch
+        loss = out.loss if cfg.loss_type == "dapo" else out.loss / n_micro
+        return loss, out

@@ -20,7 +20,12 @@ def _jsonable(v: Any):
 class MetricsTracker:
     def __init__(self, output_dir: str, *, max_steps: int, start_step: int = 0,
                  history: Optional[List[Dict[str, Any]]] = None, report_to: str = "tensorboard",
-                 disable_tqdm: bool = False, desc: str = "train"):
+                 disable_tqdm: bool = False, desc: str = "train", enabled: bool = True):
+        # enabled=False (ranks other than 0 under torchrun): a tracker that writes nothing
+        self.enabled = enabled
+        self._tb = self._bar = None
+        if not enabled:
+            return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         # a fresh run starts the file again; a resumed one rewrites the history it carries, so
@@ -44,6 +49,8 @@ class MetricsTracker:
             self._bar = tqdm(total=max_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def log(self, metrics: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self._fh.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
         self._fh.flush()
         if self._tb is not None:
@@ -70,7 +77,7 @@ class MetricsTracker:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if not self._fh.closed:
+        if self.enabled and not self._fh.closed:
             self._fh.close()
 
 

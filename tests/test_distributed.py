@@ -1,0 +1,290 @@
+"""The trainers under torchrun: 2 CPU processes on gloo against 1 process, DDP and FSDP2.
+
+How the comparison is made exact: generation is random per rank, so the equivalence test feeds a
+FIXED rollout instead. FixedRolloutTrainer.rollout builds each completion from its own seed,
+(dataset index, generation number), so whatever rank a prompt lands on, its G completions are
+the same tokens as in the one-process run; rewards, advantages and the update then run through
+the real trainer code. The resume test uses real sampling (HF generate on every rank).
+
+This file is also the worker script: `torchrun ... tests/test_distributed.py MODE OUT_DIR`.
+Every launch has a timeout and its process group is killed on expiry, so a hung collective
+fails the test instead of hanging CI.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.abspath(__file__)
+TIMING = {"tokens_per_s", "step_time", "generation_time"}
+CASES = [("grpo", "group"), ("grpo", "batch"), ("dapo", "group"), ("dapo", "batch")]
+FSDP_CASES = [("grpo", "group"), ("dapo", "batch")]
+G, T = 4, 4
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def char_reward(prompts, completions, completion_ids, **kw):
+    """A dense, deterministic reward (so advantages are non-zero on a random model)."""
+    return [(sum(map(ord, c)) % 5) / 4.0 for c in completions]
+
+
+def parts():
+    from grpo_fast import demo
+
+    tok = demo.build_tokenizer()
+    return tok, demo.build_model(tok, seed=0), demo.addition_dataset()
+
+
+def make_config(out, **kw):
+    from grpo_fast.trainer import GRPOConfig
+
+    values = dict(output_dir=out, learning_rate=1e-2, lr_scheduler_type="constant", max_steps=1,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=G,
+                  max_prompt_length=16, max_completion_length=T, save_steps=0, seed=0, disable_tqdm=True,
+                  plot=False, save_final_model=False, report_to="none")
+    values.update(kw)
+    return GRPOConfig(**values)
+
+
+def fixed_trainer_class():
+    from grpo_fast.trainer import GRPOTrainer
+    from grpo_fast.trainer.base import Rollout
+
+    class FixedRolloutTrainer(GRPOTrainer):
+        """rollout() without sampling: completion (i, g) comes from its own seed."""
+
+        @torch.no_grad()
+        def rollout(self, indices):
+            rows = [self.train_dataset[i] for i in indices]
+            enc = self.tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True,
+                                 padding_side="left", add_special_tokens=False)
+            prompt_ids = enc["input_ids"].repeat_interleave(G, 0)
+            prompt_mask = enc["attention_mask"].repeat_interleave(G, 0)
+            eos = self.tokenizer.eos_token_id
+            digits = self.tokenizer.convert_tokens_to_ids(list("0123456789"))
+            ids, mask, trunc = [], [], []
+            for i in indices:
+                for g in range(G):
+                    gen = torch.Generator().manual_seed(1000 * i + g)
+                    n = int(torch.randint(1, T + 1, (1,), generator=gen))       # tokens incl. EOS
+                    tokens = [digits[int(k)] for k in torch.randint(0, 10, (T,), generator=gen)]
+                    stop = n < T or bool(torch.randint(0, 2, (1,), generator=gen))
+                    if stop:
+                        tokens[n - 1] = eos
+                    ids.append(tokens)
+                    mask.append([1 if t < (n if stop else T) else 0 for t in range(T)])
+                    trunc.append(not stop)
+            completion_ids, completion_mask = torch.tensor(ids), torch.tensor(mask)
+            lengths = completion_mask.sum(1).tolist()
+            ids_list = [row[:k] for row, k in zip(ids, lengths)]
+            texts = self.tokenizer.batch_decode(ids_list, skip_special_tokens=True)
+            return Rollout(prompts=[r["prompt"] for r in rows for _ in range(G)], completions=texts,
+                           dataset_index=[i for i in indices for _ in range(G)],
+                           columns={"answer": [r["answer"] for r in rows for _ in range(G)]},
+                           prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                           completion_mask=completion_mask, truncated=torch.tensor(trunc), group_size=G,
+                           extras={"completion_ids_list": ids_list})
+
+    return FixedRolloutTrainer
+
+
+def model_params(trainer):
+    """Full parameters on CPU (collective under FSDP2)."""
+    from grpo_fast.trainer import checkpoint as ckpt
+
+    if trainer.dist.enabled and trainer.dist.mode == "fsdp2":
+        state = ckpt.full_model_state(trainer.model)
+    else:
+        state = trainer.model.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def one_step(out_dir, loss_type, scale, **kw):
+    tok, model, data = parts()
+    cfg = make_config(out_dir, loss_type=loss_type, scale_rewards=scale, **kw)
+    trainer = fixed_trainer_class()(model, [char_reward], data, config=cfg, tokenizer=tok)
+    history = trainer.train()
+    return history[0], model_params(trainer)
+
+
+def resume_run(out_dir, mode, resume=None):
+    """4 real (sampled) steps, checkpoint at step 2; or the same run resumed from that checkpoint."""
+    from grpo_fast.trainer import GRPOTrainer
+
+    tok, model, data = parts()
+    cfg = make_config(out_dir, max_steps=4, save_steps=2, distributed=mode, resume_from_checkpoint=resume,
+                      temperature=1.5)
+    trainer = GRPOTrainer(model, [char_reward], data, config=cfg, tokenizer=tok)
+    history = trainer.train()
+    return history, model_params(trainer)
+
+
+# ----------------------------------------------------------------------------- worker (under torchrun)
+def worker(mode, out):
+    import torch.distributed as dist
+
+    from grpo_fast.trainer import ConfigError
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    results = {}
+    if mode == "equiv":
+        for loss_type, scale in CASES:
+            results[f"ddp-{loss_type}-{scale}"] = one_step(os.path.join(out, "run"), loss_type, scale)
+        for loss_type, scale in FSDP_CASES:
+            results[f"fsdp2-{loss_type}-{scale}"] = one_step(os.path.join(out, "run"), loss_type, scale,
+                                                            distributed="fsdp2")
+        # 3 prompts per step cannot be split over 2 ranks: a clear error on every rank
+        try:
+            one_step(os.path.join(out, "bad"), "grpo", "group", per_device_train_batch_size=12,
+                     gradient_accumulation_steps=1)
+            results["indivisible_error"] = None
+        except ConfigError as e:
+            results["indivisible_error"] = str(e)
+    else:  # resume-a / resume-b
+        for dmode in ("ddp", "fsdp2"):
+            run_dir = os.path.join(out, f"{dmode}-a")
+            if mode == "resume-a":
+                results[dmode] = resume_run(run_dir, dmode)
+            else:
+                results[dmode] = resume_run(os.path.join(out, f"{dmode}-b"), dmode,
+                                            resume=os.path.join(run_dir, "checkpoint-2"))
+    if rank == 0:
+        torch.save(results, os.path.join(out, f"{mode}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- launching
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, timeout=240, module=False):
+    """torchrun --nproc_per_node 2 on 127.0.0.1; kills the whole process group on timeout."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += (["-m"] if module else []) + args
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout}s (a hung collective?):\n{output[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
+    return output
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _assert_params_close(got, want, tol=1e-5):
+    assert got.keys() == want.keys()
+    for k in want:
+        err = (got[k] - want[k]).abs().max().item()
+        assert err <= tol, f"{k}: max |2 ranks - 1 rank| = {err:.3g}"
+
+
+# ----------------------------------------------------------------------------- tests
+def test_local_indices_cover_the_global_prompts_in_order():
+    from grpo_fast.distributed import DistContext
+    from grpo_fast.trainer.base import PromptSampler, RLTrainer
+
+    glob = PromptSampler(100, seed=3).take(8)
+    pieces = []
+    for r in range(4):
+        fake = RLTrainer.__new__(RLTrainer)
+        fake.dist = DistContext(rank=r, world_size=4, mode="ddp")
+        pieces.append(RLTrainer._local_indices(fake, glob))
+    assert [len(p) for p in pieces] == [2] * 4 and sum(pieces, []) == glob
+
+
+def test_fixed_rollout_is_independent_of_the_layout(tmp_path):
+    """The premise of the equivalence test: a prompt's completions do not depend on its neighbours."""
+    tok, model, data = parts()
+    tr = fixed_trainer_class()(model, [char_reward], data, config=make_config(str(tmp_path)), tokenizer=tok)
+    whole = tr.rollout([5, 17, 42, 8])
+    half = tr.rollout([42, 8])
+    assert torch.equal(whole.completion_ids[2 * G:], half.completion_ids)
+    assert whole.completions[2 * G:] == half.completions
+    assert whole.completion_mask.sum() > whole.completion_mask.shape[0]   # varied lengths
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path):
+    """One step on the same global batch: same loss, metrics and updated parameters (1e-5), DDP and FSDP2."""
+    launch([HERE, "equiv", str(tmp_path)])
+    results = torch.load(tmp_path / "equiv.pt", weights_only=False)
+    assert "not be split" in (results["indivisible_error"] or ""), results["indivisible_error"]
+    _, initial = parts()[1], {k: v.clone() for k, v in parts()[1].state_dict().items()}
+    for loss_type, scale in CASES:
+        m1, p1 = one_step(str(tmp_path / f"one-{loss_type}-{scale}"), loss_type, scale)
+        assert max((p1[k] - initial[k]).abs().max().item() for k in p1) > 1e-4  # the step moved the weights
+        modes = ["ddp"] + (["fsdp2"] if (loss_type, scale) in FSDP_CASES else [])
+        for mode in modes:
+            m2, p2 = results[f"{mode}-{loss_type}-{scale}"]
+            for key in ("loss", "reward", "reward_std", "entropy", "grad_norm", "completion_length",
+                        "completion_length_min", "completion_length_max", "clipped_ratio", "num_tokens"):
+                assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), (mode, loss_type, scale, key)
+            _assert_params_close(p2, p1)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_exactly(tmp_path):
+    """4 sampled steps on 2 ranks with a checkpoint at 2; resumed on 2 ranks, steps 3-4 are the same."""
+    launch([HERE, "resume-a", str(tmp_path)])
+    for mode in ("ddp", "fsdp2"):
+        ck = tmp_path / f"{mode}-a" / "checkpoint-2"
+        state = torch.load(ck / "trainer_state.pt", weights_only=False)
+        assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+        # each rank sampled with its own generator
+        assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
+        assert (ck / "sharded").is_dir() == (mode == "fsdp2")
+        rows = [json.loads(line) for line in open(tmp_path / f"{mode}-a" / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer, one line per step
+    launch([HERE, "resume-b", str(tmp_path)])
+    a = torch.load(tmp_path / "resume-a.pt", weights_only=False)
+    b = torch.load(tmp_path / "resume-b.pt", weights_only=False)
+    for mode in ("ddp", "fsdp2"):
+        (hist_a, params_a), (hist_b, params_b) = a[mode], b[mode]
+        assert [h["step"] for h in hist_b] == [1, 2, 3, 4]
+        for ha, hb in zip(hist_a, hist_b):
+            assert {k: v for k, v in ha.items() if k not in TIMING} == \
+                   {k: v for k, v in hb.items() if k not in TIMING}, mode
+        _assert_params_close(params_b, params_a, tol=0.0)
+        assert any((params_a[k] != parts()[1].state_dict()[k]).any() for k in params_a)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_demo(tmp_path):
+    """`torchrun --nproc_per_node 2 -m grpo_fast train` on the demo: rank 0 alone writes logs and the model."""
+    out = tmp_path / "demo"
+    text = launch(["grpo_fast", "train", "--output_dir", str(out), "--max_steps", "2",
+                   "--per_device_train_batch_size", "16", "--num_generations", "4", "--save_steps", "1",
+                   "--disable_tqdm", "--plot", "false", "--report_to", "none"], module=True)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2], text[-2000:]
+    assert (out / "final" / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == \
+        ["checkpoint-1", "checkpoint-2"]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])
