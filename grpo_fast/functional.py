@@ -110,7 +110,34 @@ def _time_window(logits: Tensor):
     st = base.stride(1)
     if st <= 0 or offset < 0 or offset % st or offset // st + T > base.shape[1]:
         return logits, 0, -1
+    if logits.requires_grad and not _only_views_between(logits, base):
+        return logits, 0, -1  # e.g. a custom Function returning a view: its backward must run
     return base, offset // st, T
+
+
+# autograd nodes of pure view ops, whose backward only places the gradient in the base
+_VIEW_NODES = frozenset({"SliceBackward0", "ViewBackward0", "AliasBackward0", "AsStridedBackward0",
+                         "UnsafeViewBackward0"})
+
+
+def _only_views_between(view: Tensor, base: Tensor) -> bool:
+    """True when the autograd path from `view` back to `base` is made of pure view ops only,
+    so differentiating w.r.t. `base` directly gives the same gradient."""
+    fn = view.grad_fn
+    for _ in range(16):
+        if fn is None:
+            return False
+        if base.grad_fn is not None and fn is base.grad_fn:
+            return True
+        if base.grad_fn is None and type(fn).__name__ == "AccumulateGrad":
+            return fn.variable is base
+        if type(fn).__name__ not in _VIEW_NODES:
+            return False
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        fn = nxt[0]
+    return False
 
 
 # ---------------------------------------------------------------- selective_log_softmax

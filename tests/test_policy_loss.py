@@ -439,3 +439,24 @@ def test_blocking_of_the_torch_path_does_not_change_results(monkeypatch, strided
     (l0, p0, g0), (l1, p1, g1) = results
     assert torch.allclose(l0, l1, atol=1e-7) and torch.allclose(p0, p1, atol=1e-6)
     assert torch.allclose(g0, g1, atol=1e-7)
+
+
+def test_view_made_by_a_custom_function_keeps_its_backward():
+    """A view whose autograd path is not pure view ops must not be bypassed via its base."""
+    class Scale(torch.autograd.Function):  # returns a view; its backward scales the gradient
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 3.0 * g
+
+    inp = sample_inputs("cpu", B=2, T=5, V=40, seed=18)
+    leaf = torch.randn(2, 6, 40).requires_grad_()
+    out = grpo_fast.policy_loss(Scale.apply(leaf)[:, :-1], inp["ids"], inp["adv"], inp["mask"], inp["old"])
+    out.loss.backward()
+    g_scaled = leaf.grad.clone()
+    leaf.grad = None
+    grpo_fast.policy_loss((leaf * 1.0)[:, :-1], inp["ids"], inp["adv"], inp["mask"], inp["old"]).loss.backward()
+    assert torch.allclose(g_scaled, 3.0 * leaf.grad, atol=1e-7) and leaf.grad.abs().max() > 0
