@@ -260,6 +260,11 @@ class PPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ hooks
     def setup(self) -> None:
         cfg: PPOConfig = self.config
+        dist = getattr(self, "dist", None)
+        if dist is not None and dist.enabled:
+            # the update forwards through self.model, not the DDP/FSDP2 wrapper: no gradient sync yet
+            raise ConfigError("PPOTrainer does not run under torchrun yet (world size {}); run one process"
+                              .format(dist.world_size))
         self.ref_model = None
         if cfg.beta > 0 and not self.is_peft:
             ref = self._user_ref_model if self._user_ref_model is not None else copy.deepcopy(self.model)

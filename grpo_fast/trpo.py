@@ -151,6 +151,11 @@ class TRPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ hooks
     def setup(self) -> None:
         cfg: TRPOConfig = self.config
+        dist = getattr(self, "dist", None)
+        if dist is not None and dist.enabled:
+            # the update forwards through self.model, not the DDP/FSDP2 wrapper: no gradient sync yet
+            raise ConfigError("TRPOTrainer does not run under torchrun yet (world size {}); run one process"
+                              .format(dist.world_size))
         self._user_ref_model = None
         self.value_model: Optional[ValueModel] = None
         self.vf_optimizer = None
