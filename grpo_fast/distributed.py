@@ -204,8 +204,13 @@ def wrap_model(model, ctx: DistContext):
 
         dev = next(model.parameters()).device
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
-        # buffers (rotary frequencies) are the same everywhere: no per-forward broadcast
-        return DDP(model, broadcast_buffers=False, **kw)
+        # buffers (rotary frequencies) are the same everywhere: synced once at construction, not
+        # before every forward (the keyword was broadcast_buffers before torch 2.13)
+        import inspect
+
+        sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
+            else "broadcast_buffers"
+        return DDP(model, **{sync_kw: False}, **kw)
     if ctx.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -239,3 +244,30 @@ def gradient_sync(wrapped, ctx: DistContext, sync: bool):
 def full_tensor(x):
     """A DTensor (FSDP2 grad norm, say) as a plain tensor; anything else unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def average_gradients(params: Sequence[torch.Tensor], ctx: DistContext) -> None:
+    """Average the .grad of plain (non-DTensor) parameters over ranks, in one flat all-reduce per dtype.
+
+    For trainers whose forwards do not go through the DDP wrapper (PPO: policy and critic in one
+    loss). A missing gradient counts as zeros, so every rank sends buffers of the same size.
+    """
+    if not ctx.enabled:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    plain = [p for p in params if not hasattr(p, "full_tensor")]
+    for p in plain:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: Dict[Any, List[torch.Tensor]] = {}
+    for p in plain:
+        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    dev = ctx._comm_device()
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads).to(dev)
+        dist.all_reduce(flat)
+        flat /= ctx.world_size
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat.to(grads[0].device), grads)):
+            g.copy_(synced)

@@ -51,11 +51,11 @@ def make_config(out, **kw):
     return GRPOConfig(**values)
 
 
-def fixed_trainer_class():
+def fixed_trainer_class(base=None):
     from grpo_fast.trainer import GRPOTrainer
     from grpo_fast.trainer.base import Rollout
 
-    class FixedRolloutTrainer(GRPOTrainer):
+    class FixedRolloutTrainer(base or GRPOTrainer):
         """rollout() without sampling: completion (i, g) comes from its own seed."""
 
         @torch.no_grad()
