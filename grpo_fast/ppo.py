@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import distributed as dist_utils
 from .trainer.base import RLTrainer, Rollout, _set_dropout_zero
 from .trainer.config import ConfigError, RLConfig
 from .value_model import ValueHead, ValueModel, build_value_model, hidden_size_of
@@ -260,11 +261,6 @@ class PPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ hooks
     def setup(self) -> None:
         cfg: PPOConfig = self.config
-        dist = getattr(self, "dist", None)
-        if dist is not None and dist.enabled:
-            # the update forwards through self.model, not the DDP/FSDP2 wrapper: no gradient sync yet
-            raise ConfigError("PPOTrainer does not run under torchrun yet (world size {}); run one process"
-                              .format(dist.world_size))
         self.ref_model = None
         if cfg.beta > 0 and not self.is_peft:
             ref = self._user_ref_model if self._user_ref_model is not None else copy.deepcopy(self.model)
@@ -290,6 +286,15 @@ class PPOTrainer(RLTrainer):
             self.value_model.train()
         self._user_value_model = None
         self.kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+        if self.dist.enabled:
+            # DDP: the policy and critic gradients are averaged by hand (one loss over both modules);
+            # FSDP2 would shard the policy but not the critic or its head: not supported yet
+            if self.dist.mode != "ddp":
+                raise ConfigError(f"PPOTrainer under torchrun supports distributed=ddp, not {self.dist.mode}")
+            if cfg.minibatch_size % self.dist.world_size:
+                raise ConfigError(f"minibatch_size = per_device_train_batch_size * gradient_accumulation_steps = "
+                                  f"{cfg.minibatch_size} completions cannot be split evenly over "
+                                  f"{self.dist.world_size} processes")
 
     def critic_parameters(self):
         module = self.value_head if self.value_head is not None else self.value_model
@@ -328,6 +333,8 @@ class PPOTrainer(RLTrainer):
 
     def save_final(self) -> str:
         path = super().save_final()
+        if not self.dist.is_main:
+            return path
         if self.value_head is not None:
             self.value_head.save(os.path.join(path, "value_head.safetensors"))
         else:
@@ -400,7 +407,11 @@ class PPOTrainer(RLTrainer):
         if batch.ref_logps is not None:
             kl_tok = (batch.old_logps - batch.ref_logps) * m                     # k1 per token
             metrics["kl"] = float(masked_mean(kl_tok, mask))
-            kl_seq = float(kl_tok.sum(1)[~drop].mean()) if (~drop).any() else float("nan")
+            if self.dist.enabled:  # the controller must see the global KL, so that beta stays the same on every rank
+                kl_sum, n_seq = self.dist.sum_floats([float(kl_tok.sum(1)[~drop].sum()), float((~drop).sum())])
+                kl_seq = kl_sum / n_seq if n_seq > 0 else float("nan")
+            else:
+                kl_seq = float(kl_tok.sum(1)[~drop].mean()) if (~drop).any() else float("nan")
             metrics["kl_sequence"] = kl_seq
         beta = self.kl_coef
         rewards = token_rewards(scores, mask, kl_tok if cfg.kl_penalty == "reward" else None, beta)  # (N, T)
@@ -413,7 +424,7 @@ class PPOTrainer(RLTrainer):
         metrics["value_mean"] = float(masked_mean(values, mask))
         metrics["explained_variance"] = explained_variance(values, returns, mask)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = self._whiten(advantages, mask)
         batch.advantages = advantages
         batch.extras["values"] = values
         batch.extras["returns"] = returns
@@ -421,7 +432,21 @@ class PPOTrainer(RLTrainer):
         batch.extras["metrics"] = metrics
         if self.kl_ctl is not None and "kl_sequence" in metrics:
             # the controller acts on the next rollout's rewards (this one is already scored)
-            self.kl_ctl.update(metrics["kl_sequence"], int((~drop).sum()))
+            n_kept = int((~drop).sum())
+            if self.dist.enabled:
+                n_kept = int(self.dist.sum_floats([n_kept])[0])
+            self.kl_ctl.update(metrics["kl_sequence"], n_kept)
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """masked_whiten over the global batch (all ranks' tokens) under torchrun."""
+        if not self.dist.enabled:
+            return masked_whiten(x, mask)
+        m = mask.to(x.dtype)
+        n, total = self.dist.sum_floats([float(m.sum()), float((x * m).sum())])
+        mean = total / max(n, 1.0)
+        sq = self.dist.sum_floats([float((((x - mean) ** 2) * m).sum())])[0]
+        var = sq / max(n - 1.0, 1.0)
+        return (x - mean) * (var + 1e-8) ** -0.5 * m
 
     # ------------------------------------------------------------------ the update
     def value_loss(self, new_values, old_values, returns, mask, denom):
@@ -447,7 +472,8 @@ class PPOTrainer(RLTrainer):
         for m in modules:
             m.train()
         N = len(batch)
-        mb, micro = cfg.minibatch_size, cfg.per_device_train_batch_size
+        # under torchrun each rank holds its share of every minibatch (the gradients are averaged)
+        mb, micro = cfg.minibatch_size // self.dist.world_size, cfg.per_device_train_batch_size
         mask = batch.completion_mask
         old_values, returns = batch.extras["values"], batch.extras["returns"]
         loss_in_kl = cfg.kl_penalty == "loss" and batch.ref_logps is not None
@@ -465,6 +491,8 @@ class PPOTrainer(RLTrainer):
                 idx = order[start:start + mb]
                 n_micro = math.ceil(len(idx) / micro)
                 tokens = float(mask[idx].sum().clamp(min=1))
+                if self.dist.enabled:  # the minibatch's tokens on all ranks / W: averaging restores the global mean
+                    tokens = max(self.dist.sum_floats([float(mask[idx].sum())])[0], 1.0) / self.dist.world_size
                 self.optimizer.zero_grad(set_to_none=True)
                 step_pg = step_vf = 0.0
                 for ms in range(0, len(idx), micro):
@@ -495,6 +523,7 @@ class PPOTrainer(RLTrainer):
                         add(key, getattr(out, key), w)
                     if loss_in_kl and out.kl is not None:
                         add("kl_loss", out.kl, w)
+                dist_utils.average_gradients(params, self.dist)
                 if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 else:

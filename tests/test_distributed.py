@@ -112,6 +112,24 @@ def one_step(out_dir, loss_type, scale, **kw):
     return history[0], model_params(trainer)
 
 
+def ppo_step(out_dir):
+    """PPO (critic, KL-in-reward, whitening) for 2 epochs over one fixed rollout: policy and critic weights."""
+    from grpo_fast.ppo import PPOConfig, PPOTrainer
+
+    tok, model, data = parts()
+    cfg = PPOConfig(output_dir=out_dir, learning_rate=1e-2, lr_scheduler_type="constant", max_steps=1,
+                    per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=G,
+                    num_mini_batches=1, ppo_epochs=2, beta=0.05, max_prompt_length=16, max_completion_length=T,
+                    # Adam's first steps are nearly sign(g): with eps 1e-8 a gradient entry at float-noise
+                    # level (1e-9) flips between layouts; eps 1e-4 keeps the comparison about the gradients
+                    adam_epsilon=1e-4, save_steps=0, seed=0, disable_tqdm=True, plot=False, save_final_model=False,
+                    report_to="none")
+    trainer = fixed_trainer_class(PPOTrainer)(model, [char_reward], data, config=cfg, tokenizer=tok)
+    history = trainer.train()
+    critic = {f"critic.{k}": v.detach().clone() for k, v in trainer.value_model.state_dict().items()}
+    return history[0], {**model_params(trainer), **critic}
+
+
 def resume_run(out_dir, mode, resume=None):
     """4 real (sampled) steps, checkpoint at step 2; or the same run resumed from that checkpoint."""
     from grpo_fast.trainer import GRPOTrainer
@@ -139,6 +157,7 @@ def worker(mode, out):
         for loss_type, scale in FSDP_CASES:
             results[f"fsdp2-{loss_type}-{scale}"] = one_step(os.path.join(out, "run"), loss_type, scale,
                                                             distributed="fsdp2")
+        results["ppo"] = ppo_step(os.path.join(out, "ppo"))
         # 3 prompts per step cannot be split over 2 ranks: a clear error on every rank
         try:
             one_step(os.path.join(out, "bad"), "grpo", "group", per_device_train_batch_size=12,
@@ -244,6 +263,13 @@ def test_two_ranks_match_one_process(tmp_path):
                         "completion_length_min", "completion_length_max", "clipped_ratio", "num_tokens"):
                 assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), (mode, loss_type, scale, key)
             _assert_params_close(p2, p1)
+    # PPO under DDP: policy and critic gradients averaged by hand, global whitening and token counts
+    m1, p1 = ppo_step(str(tmp_path / "one-ppo"))
+    m2, p2 = results["ppo"]
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-6)
+    assert m2["reward"] == pytest.approx(m1["reward"], rel=1e-6)
+    assert max((p1[k] - initial[k]).abs().max().item() for k in initial) > 1e-4
+    _assert_params_close(p2, p1)
 
 
 @pytest.mark.slow
