@@ -181,12 +181,15 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
     torch.set_num_threads(int(os.environ.get("GRPO_FAST_DEMO_THREADS", "1")))
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
-    parts = build_demo(config.seed)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    parts = build_demo(config.seed, verbose=rank0)
     trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"],
                           config=config, tokenizer=parts["tokenizer"])
     history = trainer.train()
     elapsed = time.perf_counter() - t0
     rewards = [h["reward"] for h in history if "reward" in h]
+    if not rank0:
+        return history
     if rewards:
         tail = rewards[-10:]
         print(f"[demo] mean reward: first {rewards[0]:.3f} -> last {rewards[-1]:.3f} "
