@@ -26,8 +26,6 @@ completion, averaged over completions; the quantity the adaptive controller stee
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
 from dataclasses import dataclass
@@ -261,18 +259,7 @@ class PPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ hooks
     def setup(self) -> None:
         cfg: PPOConfig = self.config
-        self.ref_model = None
-        if cfg.beta > 0 and not self.is_peft:
-            ref = self._user_ref_model if self._user_ref_model is not None else copy.deepcopy(self.model)
-            if isinstance(ref, str):
-                from transformers import AutoModelForCausalLM
-
-                ref = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True)
-            ref.eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self.ref_model = ref.to(self.device)
-        self._user_ref_model = None
+        self.build_reference_model(cfg.beta > 0)
 
         self.value_head: Optional[ValueHead] = None
         self.value_model: Optional[ValueModel] = None
@@ -345,11 +332,6 @@ class PPOTrainer(RLTrainer):
         return path
 
     # ------------------------------------------------------------------ forward passes
-    def _ref_context(self):
-        if self.ref_model is None and self.is_peft:
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
-
     def forward(self, batch: Rollout, rows):
         """-> logits (n, T, V), values (n, T) float32, with the current policy and critic."""
         if self.value_head is not None:

@@ -11,6 +11,7 @@ An algorithm subclasses RLTrainer and fills in the hooks (marked HOOK below):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -219,6 +220,29 @@ class RLTrainer:
     # ------------------------------------------------------------------ HOOKS
     def setup(self) -> None:
         """HOOK: build what the algorithm needs besides the policy (called once, in __init__)."""
+
+    def build_reference_model(self, needed: bool) -> None:
+        """self.ref_model: a frozen copy of the policy (or the user's reference, a model or a
+        local path) when `needed`; None otherwise, and with PEFT, where the reference is the
+        base model with the adapter disabled (see _ref_context)."""
+        self.ref_model = None
+        if needed and not self.is_peft:
+            ref = self._user_ref_model if self._user_ref_model is not None else copy.deepcopy(self.model)
+            if isinstance(ref, str):
+                from transformers import AutoModelForCausalLM
+
+                ref = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True)
+            ref.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self.ref_model = ref.to(self.device)
+        self._user_ref_model = None
+
+    def _ref_context(self):
+        """Context in which self.model acts as the reference (PEFT: adapter disabled)."""
+        if self.ref_model is None and self.is_peft:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
 
     def trainable_parameters(self):
         """HOOK: parameters the optimiser updates (the policy's, plus e.g. a value head)."""

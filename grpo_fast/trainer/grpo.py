@@ -15,8 +15,6 @@ one-process step on the same global batch (tests/test_distributed.py).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from typing import Any, Dict, Optional
 
@@ -58,18 +56,7 @@ class GRPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ hooks
     def setup(self) -> None:
         cfg: GRPOConfig = self.config
-        self.ref_model = None
-        if cfg.beta > 0 and not self.is_peft:
-            ref = self._user_ref_model if self._user_ref_model is not None else copy.deepcopy(self.model)
-            if isinstance(ref, str):
-                from transformers import AutoModelForCausalLM
-
-                ref = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True)
-            ref.eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self.ref_model = ref.to(self.device)
-        self._user_ref_model = None
+        self.build_reference_model(cfg.beta > 0)
 
     def prompts_per_step(self) -> int:
         return self.config.prompts_per_step
@@ -95,11 +82,6 @@ class GRPOTrainer(RLTrainer):
         batch.advantages = adv.to(self.device)                                   # (N,)
 
     # ------------------------------------------------------------------ log-probs
-    def _ref_context(self):
-        if self.ref_model is None and self.is_peft:
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def _logps(self, model, batch: Rollout) -> torch.Tensor:
         from grpo_fast import selective_log_softmax
