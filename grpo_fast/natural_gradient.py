@@ -12,12 +12,23 @@
 
 Only the parameters passed in move (e.g. LoRA adapters), so the Fisher products are
 over those only.
+
+Data parallel (torchrun): pass `reduce`, a callable that averages a tensor over ranks (in place or
+returning the average). It is applied to g, to every Fisher-vector product, and to the surrogate /
+KL scalars of the line search (and the initial surrogate). Each rank's surrogate_fn / kl_fn must
+then be its share of the global objective such that the average over ranks IS the global value
+(e.g. local sum / (global token count / world size)); the gradient and Hessian of an average are
+the averages of the gradients and Hessians, so every rank sees the global g and F·v, and computes
+the same CG iterates, step size and accept / reject decisions: parameters stay identical across
+ranks with no broadcast. With reduce=None (one process) nothing is communicated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -66,17 +77,44 @@ def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
     return x
 
 
+Reduce = Optional[Callable[[Tensor], Optional[Tensor]]]
+
+
+def _apply(reduce: Reduce, t: Tensor) -> Tensor:
+    """reduce(t) for a reducer that returns the average or averages t in place (returning None)."""
+    if reduce is None:
+        return t
+    out = reduce(t)
+    return t if out is None else out
+
+
+def _scalars(reduce: Reduce, *values: Tensor) -> List[float]:
+    """Python floats of scalar tensors; with reduce, averaged over ranks in one float64 collective."""
+    if reduce is None:
+        return [v.item() for v in values]
+    return _apply(reduce, torch.stack([v.detach().to(torch.float64).reshape(()) for v in values])).tolist()
+
+
+# sdpa_kernel sets process-global backend flags and restores what it saw on entry: two threads in it
+# at once (e.g. data-parallel ranks simulated by threads) could leave the process on the math backend
+_SDPA_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
 def _double_backward_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    with _SDPA_LOCK, sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
-def fisher_vector_product(kl_fn: Callable[[], Tensor], params: Sequence[Tensor], damping: float = 0.1):
+def fisher_vector_product(kl_fn: Callable[[], Tensor], params: Sequence[Tensor], damping: float = 0.1,
+                          reduce: Reduce = None):
     """v -> (F + damping I) v, F the Hessian of kl_fn() at the current parameters.
 
     kl_fn is re-evaluated for every product (no graph is kept between calls), so
-    memory stays that of one forward + double backward.
+    memory stays that of one forward + double backward. With reduce, the product F v is
+    averaged over ranks (F the Hessian of the average of the ranks' kl_fn).
     """
 
     def fvp(v: Tensor) -> Tensor:
@@ -87,6 +125,8 @@ def fisher_vector_product(kl_fn: Callable[[], Tensor], params: Sequence[Tensor],
             g = flat_grad(kl, params, create_graph=True)
             gv = g.dot(v.detach())
             hv = flat_grad(gv, params)
+        if reduce is not None:
+            hv = _apply(reduce, hv)
         return hv + damping * v
 
     return fvp
@@ -113,12 +153,15 @@ def trpo_step(
     backtrack_iters: int = 10,
     backtrack_ratio: float = 0.5,
     accept_ratio: float = 0.0,
+    reduce: Reduce = None,
 ) -> TRPOStepResult:
     """One TRPO update of `params` in place.
 
     surrogate_fn() -> the surrogate objective to MAXIMISE (differentiable), e.g. mean(ρ·A);
     kl_fn() -> mean KL(π_old || π_θ) (differentiable, 0 with zero gradient at θ_old).
     A rejected step leaves the parameters bit-identical to what they were.
+    reduce: None (one process) or a callable averaging a tensor over ranks (see the module doc);
+    every rank must call trpo_step with the same arguments at the same time (it is a collective).
     """
     if not (max_kl > 0 and math.isfinite(max_kl)):
         raise ValueError(f"max_kl={max_kl!r}: expected a finite number > 0")
@@ -128,10 +171,14 @@ def trpo_step(
     with torch.enable_grad():
         surr = surrogate_fn()
         g = flat_grad(surr, params)
-    surr_old = surr.item()
+    if reduce is None:
+        surr_old = surr.item()
+    else:
+        g = _apply(reduce, g)
+        surr_old, = _scalars(reduce, surr)
     if not torch.isfinite(g).all() or g.abs().max().item() == 0.0:
         return TRPOStepResult(False, 0.0, 0.0, 0, 0.0, 0.0)
-    fvp = fisher_vector_product(kl_fn, params, damping)
+    fvp = fisher_vector_product(kl_fn, params, damping, reduce)
     with torch.enable_grad():
         s = conjugate_gradient(fvp, g, iters=cg_iters)
         sFs = s.dot(fvp(s)).item()
@@ -144,8 +191,7 @@ def trpo_step(
     for k in range(backtrack_iters):
         set_flat(params, old + frac * full_step)
         with torch.no_grad():
-            surr_new = surrogate_fn().item()
-            kl_new = kl_fn().item()
+            surr_new, kl_new = _scalars(reduce, surrogate_fn(), kl_fn())
         gain = surr_new - surr_old
         if math.isfinite(gain) and math.isfinite(kl_new) and kl_new <= max_kl \
                 and gain > accept_ratio * expected * frac and gain > 0:

@@ -23,6 +23,19 @@ product also hold the autograd graph of the whole rollout (micro-batches are sum
 graph), so the rollout size is bounded by activation memory. Forward passes run in eval mode
 (no dropout), so the KL at θ_old is exactly 0 and the Fisher products are deterministic.
 
+Under torchrun (distributed=ddp; fsdp2 is refused): every rank owns whole prompt groups and
+holds its share of the rollout. Each rank's surrogate and KL are its local masked sums divided
+by (global completion-token count / world size), so the average over ranks is exactly the
+one-process Σ m·ρ·A / Σ m and KL̄ over the global rollout; trpo_step(reduce=average over ranks)
+averages g, every Fisher-vector product and the line-search scalars, so all ranks compute the
+same step and decisions and the parameters stay identical without a broadcast (the policy's
+forwards go through the unwrapped model; DDP only broadcasts rank 0's weights at the start).
+scale_rewards="batch" uses the all-gathered rewards; gae whitening uses global statistics; the
+critic regression keeps the one-process minibatch count, each rank holding
+per_device_train_batch_size / world_size completions of every minibatch, its loss normalised by
+the minibatch's global token count / world size and its gradients averaged (average_gradients),
+so critics stay identical too.
+
 Diagnostics: kl (the measured KL̄ after the step; 0 when it was rejected), step_accepted,
 accepted_fraction (over the run so far), line_search_steps, surrogate_gain, expected_gain
 (first-order prediction of the full step), step_norm, entropy (of the rollout policy); with
@@ -36,6 +49,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import distributed as dist_utils
 from .trainer.base import RLTrainer, Rollout, _set_dropout_zero
 from .trainer.config import ConfigError, RLConfig
 from .ppo import critic_values, explained_variance, masked_mean, masked_var, masked_whiten, token_rewards
@@ -153,15 +167,23 @@ class TRPOTrainer(RLTrainer):
         cfg: TRPOConfig = self.config
         dist = getattr(self, "dist", None)
         if dist is not None and dist.enabled:
-            # the update forwards through self.model, not the DDP/FSDP2 wrapper: no gradient sync yet
-            raise ConfigError("TRPOTrainer does not run under torchrun yet (world size {}); run one process"
-                              .format(dist.world_size))
+            # the step forwards through self.model and averages g, the Fisher products and the
+            # line-search scalars itself (DDP's wrapper only broadcasts the initial weights); FSDP2
+            # would shard the parameters the flat natural-gradient vectors are built from
+            if dist.mode != "ddp":
+                raise ConfigError(f"TRPOTrainer under torchrun supports distributed=ddp, not {dist.mode!r}: "
+                                  "the natural-gradient step works on full (unsharded) parameters")
+            if cfg.advantage_estimator == "gae" and cfg.per_device_train_batch_size % dist.world_size:
+                raise ConfigError(f"per_device_train_batch_size={cfg.per_device_train_batch_size} (the critic's "
+                                  f"regression minibatch) cannot be split evenly over {dist.world_size} processes")
         self._user_ref_model = None
         self.value_model: Optional[ValueModel] = None
         self.vf_optimizer = None
         if cfg.advantage_estimator == "gae":
             spec = self._user_value_model if self._user_value_model is not None else cfg.value_model
             self.value_model = build_value_model(spec, self.model).to(self.device)
+            if dist is not None and dist.enabled:  # the same critic on every rank (its trunk may come
+                dist_utils._broadcast_module(self.value_model)  # from a policy not yet broadcast by DDP)
             if cfg.disable_dropout:
                 _set_dropout_zero(self.value_model)
             self.vf_optimizer = torch.optim.AdamW(
@@ -237,7 +259,12 @@ class TRPOTrainer(RLTrainer):
         if cfg.advantage_estimator == "group":
             from grpo_fast import group_advantages
 
-            adv = group_advantages(batch.rewards, batch.group_size, scale=cfg.scale_rewards)
+            rewards = batch.rewards
+            if self.dist.enabled:  # the global reward vector: scale_rewards="batch" uses the global std
+                rewards = self.dist.all_gather(rewards)
+            adv = group_advantages(rewards, batch.group_size, scale=cfg.scale_rewards)
+            if self.dist.enabled:
+                adv = adv[self.dist.rank * len(batch):(self.dist.rank + 1) * len(batch)]
             batch.advantages = adv.to(self.device)[:, None] * mask.to(torch.float32)   # (N, T)
         else:
             from grpo_fast import gae
@@ -251,10 +278,35 @@ class TRPOTrainer(RLTrainer):
             metrics["advantage_std"] = float(masked_var(advantages, mask).sqrt())
             metrics["explained_variance"] = explained_variance(values, returns, mask)
             if cfg.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                advantages = self._whiten(advantages, mask)
             batch.advantages = advantages
             batch.extras["returns"] = returns
         batch.extras["metrics"] = metrics
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """masked_whiten; under torchrun with the mean and variance of all ranks' tokens."""
+        if not self.dist.enabled:
+            return masked_whiten(x, mask)
+        m = mask.to(x.dtype)
+        n, total = self.dist.sum_floats([float(m.sum()), float((x * m).sum())])
+        mean = total / max(n, 1.0)
+        sq = self.dist.sum_floats([float((((x - mean) ** 2) * m).sum())])[0]
+        var = sq / max(n - 1.0, 1.0)
+        return (x - mean) * (var + 1e-8) ** -0.5 * m
+
+    def _token_denominator(self, batch: Rollout):
+        """Σ m of the rollout; under torchrun the GLOBAL Σ m / world size (cached; a collective), so
+        that the average over ranks of (local sum / this) is the global token mean."""
+        mask = batch.completion_mask.to(torch.float32)
+        if not self.dist.enabled:
+            return mask.sum().clamp(min=1)
+        if "global_tokens" not in batch.extras:
+            batch.extras["global_tokens"] = self.dist.sum_floats([float(mask.sum())])[0]
+        return max(batch.extras["global_tokens"], 1.0) / self.dist.world_size
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Average over ranks (trpo_step's reduce)."""
+        return self.dist.all_reduce(t) / self.dist.world_size
 
     @torch.no_grad()
     def _values(self, batch: Rollout) -> torch.Tensor:
@@ -267,11 +319,12 @@ class TRPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ surrogate and KL
     def surrogate(self, batch: Rollout) -> torch.Tensor:
-        """L(θ) = Σ m·ρ·A / Σ m over the rollout (differentiable when grad is enabled)."""
+        """L(θ) = Σ m·ρ·A / Σ m over the rollout (differentiable when grad is enabled); under
+        torchrun this rank's share, Σ_local / (global Σ m / world size)."""
         from grpo_fast import selective_log_softmax
 
         mask = batch.completion_mask.to(torch.float32)
-        total = mask.sum().clamp(min=1)
+        total = self._token_denominator(batch)
         out = 0.0
         for rows in self._micro_batches(len(batch)):
             logits = self.forward_logits(self.model, batch, rows)              # (n, T, V)
@@ -283,10 +336,11 @@ class TRPOTrainer(RLTrainer):
     def mean_kl(self, batch: Rollout) -> torch.Tensor:
         """KL̄(θ) = Σ m · KL(π_old || π_θ) / Σ m, the KL over the full next-token distribution.
 
-        Plain torch log_softmax (twice differentiable, for the Fisher-vector products).
+        Plain torch log_softmax (twice differentiable, for the Fisher-vector products). Under
+        torchrun this rank's share, normalised as the surrogate.
         """
         mask = batch.completion_mask.to(torch.float32)
-        total = mask.sum().clamp(min=1)
+        total = self._token_denominator(batch)
         old_all = batch.extras["old_log_softmax"]
         out = 0.0
         for rows in self._micro_batches(len(batch)):
@@ -305,10 +359,12 @@ class TRPOTrainer(RLTrainer):
         params = self.trainable_parameters()
         was = self.model.training
         self.model.eval()  # deterministic forwards: KL̄(θ_old) = 0 and reproducible Fisher products
+        denom = self._token_denominator(batch)  # under torchrun: one collective, before the step
         try:
             res = trpo_step(params, lambda: self.surrogate(batch), lambda: self.mean_kl(batch), cfg.max_kl,
                             cg_iters=cfg.cg_iters, damping=cfg.cg_damping, backtrack_iters=cfg.backtrack_iters,
-                            backtrack_ratio=cfg.backtrack_ratio, accept_ratio=cfg.accept_ratio)
+                            backtrack_ratio=cfg.backtrack_ratio, accept_ratio=cfg.accept_ratio,
+                            reduce=self._reduce if self.dist.enabled else None)
         finally:
             self.model.train(was)
         for p in params:
@@ -318,35 +374,47 @@ class TRPOTrainer(RLTrainer):
         old = batch.extras["old_log_softmax"]
         m = batch.completion_mask
         entropy = -(old.exp() * old).sum(-1)                                    # (N, T)
+        # under torchrun every metric is this rank's share of the global value (the step's are the same
+        # on every rank), so the base trainer's plain mean over ranks gives the global values
+        ent = float(masked_mean(entropy, m)) if not self.dist.enabled \
+            else float((entropy * m.to(entropy.dtype)).sum()) / denom
         metrics: Dict[str, Any] = {
             "kl": res.kl, "step_accepted": float(res.accepted),
             "accepted_fraction": self.steps_accepted / self.steps_tried,
             "line_search_steps": res.line_search_steps, "surrogate_gain": res.surrogate_gain,
             "expected_gain": res.expected_gain, "step_norm": res.step_norm,
-            "entropy": float(masked_mean(entropy, m)),
+            "entropy": ent,
         }
         if self.value_model is not None:
             metrics["value_loss"] = self._fit_critic(batch)
         return metrics
 
     def _fit_critic(self, batch: Rollout) -> float:
-        """vf_iters passes of 0.5·(V - R)² regression (masked token mean per minibatch); mean loss."""
+        """vf_iters passes of 0.5·(V - R)² regression (masked token mean per minibatch); mean loss.
+
+        Under torchrun each rank holds per_device_train_batch_size / W rows of every minibatch (the
+        same number of minibatches as one process), the loss is normalised by the minibatch's global
+        token count / W and the gradients are averaged; the loss returned is this rank's share."""
         cfg: TRPOConfig = self.config
         mask = batch.completion_mask
         returns = batch.extras["returns"]
         params = [p for g in self.vf_optimizer.param_groups for p in g["params"]]
         self.value_model.train()
         losses = []
-        N, mb = len(batch), cfg.per_device_train_batch_size
+        W = self.dist.world_size
+        N, mb = len(batch), cfg.per_device_train_batch_size // W
         for _ in range(cfg.vf_iters):
             order = torch.randperm(N).to(mask.device)  # global RNG: checkpointed, so resume is exact
             for start in range(0, N, mb):
                 rows = order[start:start + mb]
                 m = mask[rows].to(torch.float32)
+                denom = m.sum().clamp(min=1) if not self.dist.enabled \
+                    else max(self.dist.sum_floats([float(m.sum())])[0], 1.0) / W
                 values = critic_values(self.value_model, batch, rows)          # (n, T)
-                loss = 0.5 * (((values - returns[rows]) ** 2) * m).sum() / m.sum().clamp(min=1)
+                loss = 0.5 * (((values - returns[rows]) ** 2) * m).sum() / denom
                 self.vf_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                dist_utils.average_gradients(params, self.dist)
                 if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.vf_optimizer.step()

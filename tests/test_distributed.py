@@ -130,6 +130,33 @@ def ppo_step(out_dir):
     return history[0], {**model_params(trainer), **critic}
 
 
+TRPO_KEYS = ("kl", "step_accepted", "line_search_steps", "surrogate_gain", "expected_gain", "step_norm",
+             "entropy", "reward", "num_tokens")
+
+
+def trpo_one_step(out_dir, estimator, **kw):
+    """One TRPO step over one fixed rollout: metrics and weights (policy, and critic with gae)."""
+    from grpo_fast.trpo import TRPOConfig, TRPOTrainer
+
+    tok, model, data = parts()
+    values = dict(output_dir=out_dir, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                  num_generations=G, advantage_estimator=estimator, max_kl=0.01, max_prompt_length=16,
+                  max_completion_length=T, save_steps=0, seed=0, disable_tqdm=True, plot=False,
+                  save_final_model=False, report_to="none")
+    if estimator == "gae":
+        # one critic minibatch per pass: its rows do not depend on the (per-rank) shuffling
+        values.update(per_device_train_batch_size=16, gradient_accumulation_steps=1, vf_iters=2,
+                      adam_epsilon=1e-4)
+    values.update(kw)
+    trainer = fixed_trainer_class(TRPOTrainer)(model, [char_reward], data, config=TRPOConfig(**values),
+                                               tokenizer=tok)
+    history = trainer.train()
+    params = model_params(trainer)
+    if trainer.value_model is not None:
+        params.update({f"critic.{k}": v.detach().clone() for k, v in trainer.value_model.state_dict().items()})
+    return history[0], params
+
+
 def resume_run(out_dir, mode, resume=None):
     """4 real (sampled) steps, checkpoint at step 2; or the same run resumed from that checkpoint."""
     from grpo_fast.trainer import GRPOTrainer
@@ -165,6 +192,16 @@ def worker(mode, out):
             results["indivisible_error"] = None
         except ConfigError as e:
             results["indivisible_error"] = str(e)
+    elif mode == "trpo":
+        for estimator in ("group", "gae"):
+            metrics, params = trpo_one_step(os.path.join(out, f"trpo-{estimator}"), estimator)
+            # every rank's weights after the step, to check they are identical
+            results[f"trpo-{estimator}"] = (metrics, dist_gather_object(params))
+        try:
+            trpo_one_step(os.path.join(out, "trpo-fsdp2"), "group", distributed="fsdp2")
+            results["trpo_fsdp2_error"] = None
+        except ConfigError as e:
+            results["trpo_fsdp2_error"] = str(e)
     else:  # resume-a / resume-b
         for dmode in ("ddp", "fsdp2"):
             run_dir = os.path.join(out, f"{dmode}-a")
@@ -177,6 +214,14 @@ def worker(mode, out):
         torch.save(results, os.path.join(out, f"{mode}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def dist_gather_object(obj):
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ----------------------------------------------------------------------------- launching
@@ -270,6 +315,30 @@ def test_two_ranks_match_one_process(tmp_path):
     assert m2["reward"] == pytest.approx(m1["reward"], rel=1e-6)
     assert max((p1[k] - initial[k]).abs().max().item() for k in initial) > 1e-4
     _assert_params_close(p2, p1)
+
+
+def test_trpo_two_ranks_match_one_process(tmp_path):
+    """One TRPO step on a fixed global rollout, 2 DDP ranks vs 1 process, group and gae advantages:
+    the same updated policy (and critic) to 1e-5, the same accept decision, line search and KL, and
+    bit-identical weights on the two ranks (no broadcast: identical reduced CG / line search); fsdp2
+    is refused with a clear error."""
+    launch([HERE, "trpo", str(tmp_path)], timeout=180)
+    results = torch.load(tmp_path / "trpo.pt", weights_only=False)
+    assert "distributed=ddp" in (results["trpo_fsdp2_error"] or ""), results["trpo_fsdp2_error"]
+    initial = {k: v.clone() for k, v in parts()[1].state_dict().items()}
+    for estimator in ("group", "gae"):
+        m1, p1 = trpo_one_step(str(tmp_path / f"one-{estimator}"), estimator)
+        m2, (p2, p2_rank1) = results[f"trpo-{estimator}"]
+        assert m1["step_accepted"] == 1.0, m1  # a real step, so the weights comparison means something
+        assert max((p1[k] - initial[k]).abs().max().item() for k in initial) > 1e-4
+        assert m2["step_accepted"] == m1["step_accepted"] and m2["line_search_steps"] == m1["line_search_steps"]
+        for key in TRPO_KEYS:
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), (estimator, key, m2[key], m1[key])
+        if estimator == "gae":
+            assert m2["value_loss"] == pytest.approx(m1["value_loss"], rel=1e-4, abs=1e-7)
+            assert any(k.startswith("critic.") for k in p1)
+        _assert_params_close(p2, p1)
+        _assert_params_close(p2_rank1, p2, tol=0.0)  # the ranks' weights are bit-identical
 
 
 @pytest.mark.slow

@@ -138,3 +138,113 @@ def test_zero_advantages_take_no_step():
     res = trpo_step(params, surrogate_fn, kl_fn, max_kl=0.01)
     assert not res.accepted
     assert torch.equal(get_flat(params), before)
+
+
+# ----------------------------------------------------------------------------- data parallel (reduce)
+def test_identity_reduce_is_bit_identical_to_none():
+    """reduce is only an average over ranks: with one 'rank' (identity) nothing changes, to the bit."""
+    for seed in (0, 3):
+        results, weights = [], []
+        for reduce in (None, lambda t: t, lambda t: None):  # returning the average, or averaging in place
+            net, x, acts, adv = _policy(seed)
+            params = list(net.parameters())
+            kl_fn, surrogate_fn = _fns(net, x, acts, adv)
+            results.append(trpo_step(params, surrogate_fn, kl_fn, max_kl=0.01, reduce=reduce))
+            weights.append(get_flat(params))
+        assert results[0].accepted
+        for r, w in zip(results[1:], weights[1:]):
+            assert r == results[0]
+            assert torch.equal(w, weights[0])
+
+
+class _VirtualRanks:
+    """Averages a tensor over n threads, each a 'rank' (the same summation order on every thread)."""
+
+    def __init__(self, n):
+        import threading
+
+        self.n, self.slots = n, [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)
+
+    def reducer(self, rank):
+        def reduce(t):
+            self.slots[rank] = t.detach().clone()
+            self.barrier.wait()
+            avg = sum(self.slots) / self.n
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read it
+            return avg
+
+        return reduce
+
+
+def _run_ranks(fn, n=2):
+    import threading
+
+    out, errors = [None] * n, []
+
+    def target(r):
+        try:
+            out[r] = fn(r)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return out
+
+
+def test_two_virtual_ranks_equal_the_whole_batch():
+    """Two threads, each with its own copy of the policy and half the batch (its mean over its half is
+    its share: the average of the halves' means is the whole batch's mean), reduce = the average over
+    the threads: the same step as one process on the whole batch, and identical weights on both."""
+    for seed in range(3):
+        net, x, acts, adv = _policy(seed)
+        kl_fn, surrogate_fn = _fns(net, x, acts, adv)
+        params = list(net.parameters())
+        theta0 = get_flat(params)
+        whole = trpo_step(params, surrogate_fn, kl_fn, max_kl=0.01)
+        want = get_flat(params)
+        ranks = _VirtualRanks(2)
+        half = len(x) // 2
+
+        def rank_step(r):
+            net_r, _, _, _ = _policy(seed)
+            rows = slice(r * half, (r + 1) * half)
+            kl_r, surr_r = _fns(net_r, x[rows], acts[rows], adv[rows])
+            p = list(net_r.parameters())
+            res = trpo_step(p, surr_r, kl_r, max_kl=0.01, reduce=ranks.reducer(r))
+            return res, get_flat(p)
+
+        (res0, w0), (res1, w1) = _run_ranks(rank_step)
+        assert whole.accepted and res0.accepted and res1.accepted
+        assert res0 == res1 and torch.equal(w0, w1)  # identical decisions and weights on the ranks
+        assert res0.line_search_steps == whole.line_search_steps
+        assert abs(res0.kl - whole.kl) <= 1e-10 and abs(res0.surrogate_gain - whole.surrogate_gain) <= 1e-10
+        assert torch.allclose(w0, want, rtol=0, atol=1e-10) and not torch.equal(want, theta0)
+
+
+def test_rejected_step_restores_every_virtual_rank_bit_identically():
+    ranks = _VirtualRanks(2)
+
+    def rank_step(r):
+        net, x, acts, adv = _policy(5)
+        rows = slice(r * 10, (r + 1) * 10)
+        kl_fn, surrogate_fn = _fns(net, x[rows], acts[rows], adv[rows])
+        params = list(net.parameters())
+        before = get_flat(params)
+        calls = {"n": 0}
+
+        def stubborn():  # never improves after the first call: every line-search step is rejected
+            calls["n"] += 1
+            s = surrogate_fn()
+            return s if calls["n"] == 1 else s.detach() * 0 - 1e9
+
+        res = trpo_step(params, stubborn, kl_fn, max_kl=0.01, backtrack_iters=3, reduce=ranks.reducer(r))
+        return res, torch.equal(get_flat(params), before)
+
+    for res, restored in _run_ranks(rank_step):
+        assert not res.accepted and res.line_search_steps == 3 and restored
