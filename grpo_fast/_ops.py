@@ -73,13 +73,7 @@ def token_logprobs_backward(
     t_len: int = -1,
 ) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    window = _window(logits, t_start, t_len)
-    impl = _kernels_for(logits)
-    impl.token_logprobs_backward(
-        window, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature),
-        _window(out, t_start, t_len),
-    )
-    _zero_outside(out, t_start, window.shape[1])
+    _write_grad(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_start, t_len, out)
     return out
 
 
@@ -88,12 +82,20 @@ def _(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_s
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _zero_outside(t: Tensor, t_start: int, t_len: int) -> None:
-    """Positions outside the window get no gradient (a (B, few, V) fill, not a logits-sized one)."""
+def _write_grad(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_start, t_len,
+                out: Tensor) -> None:
+    """dL/dlogits into `out` (a new buffer, or `logits` itself): the window's gradient from one
+    read and one write, and zeros outside the window (a (B, few, V) fill, not a logits-sized one)."""
+    window = _window(logits, t_start, t_len)
+    _kernels_for(logits).token_logprobs_backward(
+        window, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature),
+        _window(out, t_start, t_len),
+    )
+    t_len = window.shape[1]
     if t_start > 0:
-        t[:, :t_start].zero_()
-    if t_start + t_len < t.shape[1]:
-        t[:, t_start + t_len:].zero_()
+        out[:, :t_start].zero_()
+    if t_start + t_len < out.shape[1]:
+        out[:, t_start + t_len:].zero_()
 
 
 @torch.library.custom_op("grpo_fast::token_logprobs_backward_", mutates_args=("logits",))
@@ -108,12 +110,7 @@ def token_logprobs_backward_(
     t_start: int = 0,
     t_len: int = -1,
 ) -> None:
-    window = _window(logits, t_start, t_len)
-    impl = _kernels_for(logits)
-    impl.token_logprobs_backward(
-        window, token_ids, lse, entropy, grad_logp, grad_entropy, float(temperature), window
-    )
-    _zero_outside(logits, t_start, window.shape[1])
+    _write_grad(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_start, t_len, logits)
 
 
 @token_logprobs_backward_.register_fake
@@ -122,8 +119,7 @@ def _(logits, token_ids, lse, entropy, grad_logp, grad_entropy, temperature, t_s
 
 
 def _setup_context(ctx, inputs, output):
-    logits, token_ids, temperature, with_entropy, inplace_grad = inputs[:5]
-    t_start, t_len = (tuple(inputs[5:7]) + (0, -1)[len(inputs[5:7]):])
+    logits, token_ids, temperature, with_entropy, inplace_grad, t_start, t_len = inputs
     _, lse, entropy = output
     ctx.save_for_backward(logits, token_ids, lse, entropy)
     ctx.temperature = temperature

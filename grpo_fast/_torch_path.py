@@ -140,8 +140,8 @@ def token_logprobs_backward(
         if dst.dtype == dtype:
             lp = torch.add(neg_lse[rows].view(shape), block, alpha=inv_t, out=dst) if dst is not block \
                 else block.mul_(inv_t).add_(neg_lse[rows].view(shape))
-        else:
-            lp = torch.add(neg_lse[rows].view(shape), _as_compute(block, dtype), alpha=inv_t)
+        else:  # half-precision logits: the float32 copy of the block is the working buffer
+            lp = block.to(dtype).mul_(inv_t).add_(neg_lse[rows].view(shape))
         if has_h:
             # grad = -p * (c1 + c2 * (log p + H)), then + c1 at the chosen token.
             # log p = -inf (a -inf logit) has p = 0 and must contribute 0, not 0 * inf = NaN:

@@ -67,6 +67,11 @@ def _check_token_ids(token_ids, logits) -> None:
     if token_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(token_ids)
         V = logits.shape[-1]
+        if token_ids.is_cuda:
+            # reading the values back would stall the host on every call: assert on the device
+            # (a bad id then fails the next synchronising call with a device-side assert)
+            torch._assert_async((lo >= 0) & (hi < V), f"token_ids must lie in [0, V) = [0, {V})")
+            return
         if int(lo) < 0 or int(hi) >= V:
             raise ValueError(f"token_ids must lie in [0, V) = [0, {V}), got values in [{int(lo)}, {int(hi)}]")
 

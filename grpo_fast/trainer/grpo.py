@@ -124,9 +124,11 @@ class GRPOTrainer(RLTrainer):
         if cfg.loss_type == "dapo":
             tokens = self.dist.sum_floats([float(mask.sum())])[0]
             num_items = max(tokens, 1.0) / self.dist.world_size
-        sums: Dict[str, float] = {}
-        weight_total = 0.0
-        loss_total = 0.0
+        # metrics accumulate on the device (loss, token weight, each metric x weight) and are
+        # read back once per update: no host-device sync per micro-batch
+        keys = ("entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "kl")
+        acc = None
+        present = set()
         grad_norms = []
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -136,13 +138,14 @@ class GRPOTrainer(RLTrainer):
                 with sync:
                     loss, out = self._micro_loss(batch, rows, num_items, n_micro)
                     loss.backward()
-                loss_total += float(loss.detach())
-                w = float(mask[rows].sum())
-                weight_total += w
-                for key in ("entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "kl"):
+                w = mask[rows].sum().to(torch.float64)
+                vals = [loss.detach().to(torch.float64), w]
+                for key in keys:
                     v = getattr(out, key)
-                    if v is not None:
-                        sums[key] = sums.get(key, 0.0) + float(v) * w
+                    present.update([key] if v is not None else [])
+                    vals.append(v.to(torch.float64) * w if v is not None else torch.zeros_like(w))
+                row = torch.stack(vals)
+                acc = row if acc is None else acc + row
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
@@ -150,9 +153,13 @@ class GRPOTrainer(RLTrainer):
                 gn = torch.nn.utils.clip_grad_norm_(params, float("inf"), foreach=True)
             else:
                 gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            grad_norms.append(float(dist_utils.full_tensor(gn)))
+            grad_norms.append(dist_utils.full_tensor(gn).detach().to(torch.float64))
             self.optimizer.step()
             self.scheduler.step()
+        values = acc.tolist()
+        loss_total, weight_total = values[0], values[1]
+        sums = {k: values[2 + j] for j, k in enumerate(keys) if k in present}
+        grad_norms = torch.stack(grad_norms).tolist()
         keys = sorted(sums)
         # over ranks: loss is a mean of the ranks' losses (as their gradients), the rest token-weighted
         totals = self.dist.sum_floats([loss_total, weight_total] + [sums[k] for k in keys])
