@@ -10,7 +10,7 @@ vectorised torch ops for GAE.
 import pytest
 import torch
 
-from grpo_fast.advantages import gae, group_advantages
+from grpo_fast.ops.advantages import gae, group_advantages
 
 GROUP = 8
 SIZES = [64, 256, 1024, 4096, 16384, 65536]

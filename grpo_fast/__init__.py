@@ -17,11 +17,11 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved lazily on first attribute access
 _LAZY = {
-    "selective_log_softmax": "grpo_fast.functional",
-    "policy_loss": "grpo_fast.functional",
-    "PolicyLossOutput": "grpo_fast.functional",
-    "group_advantages": "grpo_fast.advantages",
-    "gae": "grpo_fast.advantages",
+    "selective_log_softmax": "grpo_fast.ops.functional",
+    "policy_loss": "grpo_fast.ops.functional",
+    "PolicyLossOutput": "grpo_fast.ops.functional",
+    "group_advantages": "grpo_fast.ops.advantages",
+    "gae": "grpo_fast.ops.advantages",
     "GRPOConfig": "grpo_fast.trainer",
     "GRPOTrainer": "grpo_fast.trainer",
     "PPOConfig": "grpo_fast.ppo",

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import devices
 from grpo_fast import _C
-from grpo_fast.advantages import group_advantages
+from grpo_fast.ops.advantages import group_advantages
 
 NAN = float("nan")
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grpo_fast
-import grpo_fast.functional  # noqa: F401  (registers the grpo_fast:: ops)
+import grpo_fast.ops.functional  # noqa: F401  (registers the grpo_fast:: ops)
 from reference import ref_policy_loss
 
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import devices
-from grpo_fast.advantages import gae
+from grpo_fast.ops.advantages import gae
 
 
 def reference(rewards, values, mask, gamma, lam):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import grpo_fast
-from grpo_fast import _torch_path
+from grpo_fast.ops import _torch_path
 from conftest import devices
 from reference import ref_policy_loss, ref_token_stats
 

@@ -22,7 +22,7 @@ from ._backend import use_triton
 def _kernels_for(logits: Tensor):
     """The module implementing the passes for these logits (float64 always takes the torch path)."""
     if logits.dtype != torch.float64 and use_triton(logits):
-        from . import kernels
+        from .. import kernels
 
         return kernels
     return _torch_path

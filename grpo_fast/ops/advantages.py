@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from grpo_fast import _C
+from .. import _C
 
 __all__ = ["group_advantages", "gae"]
 
