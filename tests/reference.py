@@ -21,55 +21,93 @@ def ref_policy_loss(
     loss_type="grpo", beta=0.0, kl_estimator="k3", epsilon_low=0.2, epsilon_high=None,
     delta=None, clip_ratio_c=None, importance_sampling_level="token", entropy_coef=0.0,
     temperature=1.0, max_completion_length=None, num_items_in_batch=None,
+    sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, top_entropy_quantile=1.0,
+    use_bias_correction_kl=True, off_policy_mask_threshold=None, sampling_logps=None,
+    gradient_accumulation_steps=1, extra_entropies=None,
 ):
-    """float64 loss and metrics dict; the loss is differentiable w.r.t. logits."""
+    """float64 loss and metrics dict; the loss is differentiable w.r.t. logits.
+
+    extra_entropies: entropies of other ranks' masked tokens, joined for the quantile
+    (what entropy_gather does)."""
     B, T = ids.shape
     logp, ent = ref_token_stats(logits, ids, temperature)
     m = torch.ones(B, T, dtype=torch.float64) if mask is None else mask.double()
     mb = m != 0
+    zeros = torch.zeros_like(logp)
     old = logp.detach() if old_logps is None else old_logps.double()
     eh = epsilon_low if epsilon_high is None else epsilon_high
-    lr = torch.where(mb, logp - old, torch.zeros_like(logp))
+    lr = torch.where(mb, logp - old, zeros)
     if importance_sampling_level == "sequence":
         lr = (lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
         lr = lr.expand(B, T)
     rho = torch.exp(lr)
     A = advantages.double()
     A = A[:, None].expand(B, T) if A.dim() == 1 else torch.where(mb, A, torch.zeros_like(A))
-    rho_c = rho.clamp(1 - epsilon_low, 1 + eh)
-    rho_u = rho if delta is None else rho.clamp(max=delta)
-    pg = -torch.min(rho_u * A, rho_c * A)
-    if clip_ratio_c is not None:
-        pg = torch.where(A < 0, torch.min(pg, -clip_ratio_c * A), pg)
-    loss_tok = pg
+    if loss_type == "cispo":
+        # MiniMax-M1 / TRL: -sg(min(rho, eps_high)) * A * log pi
+        pg = -rho.clamp(max=eh).detach() * A * logp
+    elif loss_type == "sapo":
+        tau = torch.where(A > 0, torch.full_like(A, sapo_temperature_pos), torch.full_like(A, sapo_temperature_neg))
+        pg = -torch.sigmoid(tau * (rho - 1)) * 4 / tau * A
+    else:
+        rho_c = rho.clamp(1 - epsilon_low, 1 + eh)
+        rho_u = rho if delta is None else rho.clamp(max=delta)
+        pg = -torch.min(rho_u * A, rho_c * A)
+        if clip_ratio_c is not None:
+            pg = torch.where(A < 0, torch.min(pg, -clip_ratio_c * A), pg)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    if off_policy_mask_threshold is not None:
+        samp = old if sampling_logps is None else sampling_logps.double()
+        d = torch.where(mb, samp - logp.detach(), zeros)
+        seq = d.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        keep = ((A >= 0) | (seq <= off_policy_mask_threshold)).expand(B, T)
+    high = mb.clone()
+    if top_entropy_quantile < 1.0:
+        vals = ent.detach()[mb].double()
+        if extra_entropies is not None:
+            vals = torch.cat([vals, extra_entropies.double()])
+        thr = float("inf") if vals.numel() == 0 else torch.quantile(vals, 1 - top_entropy_quantile).item()
+        high = (ent.detach() >= thr) & mb
+    loss_tok = torch.where(keep & high, pg, zeros)
     kl = None
     if ref_logps is not None:
-        r = torch.where(mb, ref_logps.double() - logp, torch.zeros_like(logp))
+        r = torch.where(mb, ref_logps.double() - logp, zeros)
         kl = {"k1": -r, "k2": r * r / 2, "k3": torch.exp(r) - r - 1}[kl_estimator]
+        if use_bias_correction_kl:
+            kl = kl * rho
         loss_tok = loss_tok + beta * kl
-    loss_tok = loss_tok - entropy_coef * ent
-    if loss_type == "grpo":
-        w = m / (m.sum(-1, keepdim=True).clamp(min=1) * B)
+    ga = gradient_accumulation_steps
+    if loss_type in ("grpo", "sapo"):
+        loss = ((loss_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean() / ga
     elif loss_type == "bnpo":
-        w = m / m.sum().clamp(min=1)
+        loss = (loss_tok * m).sum() / m.sum().clamp(min=1) / ga
     elif loss_type == "dr_grpo":
-        w = m / (B * max_completion_length)
+        loss = (loss_tok * m).sum() / (B * max_completion_length) / ga
     else:
-        w = m / (m.sum().clamp(min=1) if num_items_in_batch is None else float(num_items_in_batch))
-    loss = torch.where(mb, w * loss_tok, torch.zeros_like(loss_tok)).sum()
+        n = m.sum().clamp(min=1) if num_items_in_batch is None else float(num_items_in_batch)
+        loss = (loss_tok * m).sum() / n
+    if entropy_coef != 0.0:
+        eff = high.double()
+        loss = loss - entropy_coef * (ent * eff).sum() / eff.sum().clamp(min=1) / ga
     cnt = m.sum().clamp(min=1)
 
     def mmean(x):
         return torch.where(mb, x.double(), torch.zeros_like(m)).sum() / cnt
 
-    low = (rho < 1 - epsilon_low) & (A < 0)
-    high = (rho > 1 + eh) & (A > 0)
+    if loss_type in ("cispo", "sapo"):
+        low = hi_c = torch.zeros(B, T, dtype=torch.bool)
+    else:
+        low = (rho < 1 - epsilon_low) & (A < 0)
+        hi_c = (rho > 1 + eh) & (A > 0)
     metrics = {
         "logps": logp.detach(),
         "kl": None if kl is None else mmean(kl.detach()),
         "entropy": mmean(ent.detach()),
         "clip_ratio_low": mmean(low),
-        "clip_ratio_high": mmean(high),
-        "clip_ratio_region": mmean(low | high),
+        "clip_ratio_high": mmean(hi_c),
+        "clip_ratio_region": mmean(low | hi_c),
+        "cispo_clip_ratio": mmean((rho > eh) & (A > 0)) if loss_type == "cispo" else None,
+        "entropy_masked_frac": mmean(~high) if top_entropy_quantile < 1.0 else None,
+        "off_policy_masked_frac": mmean(~keep) if off_policy_mask_threshold is not None else None,
     }
     return loss, metrics

@@ -362,7 +362,7 @@ def test_matches_trl_formulation():
     l2 = coef_2 * inp["adv"].unsqueeze(1)
     per_token = -torch.min(l1, l2)
     d = inp["ref"] - logps
-    per_token = per_token + 0.04 * (torch.exp(d) - d - 1)
+    per_token = per_token + 0.04 * (torch.exp(d) - d - 1) * coef_1  # use_bias_correction_kl (TRL 1.16 default)
     m = inp["mask"].float()
     trl_loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
     trl_loss.backward()

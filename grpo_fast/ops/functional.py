@@ -29,7 +29,11 @@ class PolicyLossOutput(NamedTuple):
     entropy: Tensor  # mean entropy of the (temperature-scaled) distributions
     clip_ratio_low: Tensor  # fraction of tokens with rho < 1 - eps_low and A < 0
     clip_ratio_high: Tensor  # fraction of tokens with rho > 1 + eps_high and A > 0
-    clip_ratio_region: Tensor  # low or high
+    clip_ratio_region: Tensor  # low or high (all three are 0 for cispo and sapo: no two-sided clip)
+    # appended later, with defaults, so code that builds or unpacks the first seven keeps working
+    cispo_clip_ratio: Optional[Tensor] = None  # cispo: fraction with rho > epsilon_high and A > 0 (TRL's metric)
+    entropy_masked_frac: Optional[Tensor] = None  # top_entropy_quantile < 1: fraction left out of the policy term
+    off_policy_masked_frac: Optional[Tensor] = None  # off_policy_mask_threshold: fraction in dropped sequences
 
 
 # ---------------------------------------------------------------- validation
@@ -54,8 +58,13 @@ def _check_logits(logits) -> None:
 def _check_token_ids(token_ids, logits) -> None:
     if not isinstance(token_ids, Tensor):
         raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
-        raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        # both backends index with int32 / int64 only; refused (not converted) so neither path
+        # makes a hidden copy, and the message is the same on both
+        raise TypeError(
+            f"token_ids must be an integer tensor of dtype int64 or int32, got {token_ids.dtype} "
+            "(convert with token_ids.long())"
+        )
     if tuple(token_ids.shape) != tuple(logits.shape[:2]):
         raise ValueError(
             f"token_ids has shape {_shape(token_ids)}, expected (B, T) = {tuple(logits.shape[:2])} "
@@ -90,6 +99,31 @@ def _check_bt(name: str, t, logits, *, allow_b: bool = False, integer_ok: bool =
         raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
     if not integer_ok and not t.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_mask(mask, logits) -> None:
+    """mask: (B, T), bool or 0/1 numbers on the logits' device. Any other value is refused
+    (weights would need their own metrics); on CUDA by a device-side assert, with no host sync."""
+    _check_bt("mask", mask, logits, integer_ok=True)
+    if mask is None or mask.dtype == torch.bool or mask.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool or real 0/1 numbers, got {mask.dtype}")
+    bad = ((mask != 0) & (mask != 1)).any()
+    if mask.is_cuda:
+        torch._assert_async(~bad, "mask must hold only 0 and 1 (or be a bool tensor)")
+        return
+    if bool(bad):
+        odd = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+        raise ValueError(f"mask must hold only 0 and 1 (or be a bool tensor), got values such as {odd}")
+
+
+def _empty_phase1(logits: Tensor, token_ids: Tensor):
+    """(logp, entropy) for a batch with no tokens (B == 0 or T == 0): empty float32 tensors still
+    connected to the logits, so backward gives the logits a zero gradient on every backend."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.sum(-1).to(dtype) * 0.0  # (B, 0): no arithmetic happens
+    return z, z
 
 
 def _check_temperature(temperature) -> None:
@@ -171,6 +205,9 @@ def selective_log_softmax(
     _check_logits(logits)
     _check_token_ids(token_ids, logits)
     _check_temperature(temperature)
+    if token_ids.numel() == 0:
+        logp, entropy = _empty_phase1(logits, token_ids)
+        return (logp, entropy) if return_entropy else logp
     whole, t_start, t_len = _time_window(logits)
     logp, _, entropy = torch.ops.grpo_fast.token_logprobs(
         whole, token_ids, float(temperature), bool(return_entropy), False, t_start, t_len
@@ -184,6 +221,30 @@ def _masked_mean(x: Tensor, m: Tensor, count: Tensor) -> Tensor:
     return torch.where(m, x, 0.0).sum() / count
 
 
+def _entropy_threshold(entropy: Tensor, m: Tensor, q: float, gather=None) -> Tensor:
+    """The q-quantile (linear interpolation, as torch.quantile) of the entropies at the masked
+    tokens, as a 0-dim tensor; +inf when there are none (then no token reaches it).
+
+    Written with a sort and a gather instead of torch.quantile, so it needs no host sync (the
+    number of masked tokens stays on the device) and has no size limit. `gather` (optional) maps
+    this rank's (B*T,) values, NaN at masked-out tokens, to every rank's values."""
+    vals = torch.where(m, entropy.detach(), float("nan")).reshape(-1)
+    if gather is not None:
+        vals = gather(vals).reshape(-1).to(entropy.dtype)
+    valid = ~torch.isnan(vals)
+    n = valid.sum()
+    ordered = torch.where(valid, vals, float("inf")).sort().values  # the masked tokens first, ascending
+    if ordered.numel() == 0:
+        return torch.full((), float("inf"), dtype=entropy.dtype, device=entropy.device)
+    pos = q * (n - 1).clamp(min=0).to(entropy.dtype)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    a, b = ordered[lo], ordered[hi]
+    # lerp(inf, inf, w) is NaN: the empty case is inf by definition
+    thr = torch.where(n > 0, torch.where(lo == hi, a, torch.lerp(a, b, pos - lo.to(pos.dtype))), float("inf"))
+    return thr
+
+
 def _policy_loss_from_logps(
     logp: Tensor,
     entropy: Tensor,
@@ -193,7 +254,8 @@ def _policy_loss_from_logps(
     ref_logps: Optional[Tensor],
     opt: LossOptions,
 ) -> PolicyLossOutput:
-    """Phase 2: the loss from per-token log-probs and entropies, all (B, T). The maths, once."""
+    """Phase 2: the loss from per-token log-probs and entropies, all (B, T). The maths, once
+    (docs/losses.md writes it out, with TRL's names)."""
     B, T = logp.shape
     f32 = logp.dtype
     if mask is None:
@@ -211,14 +273,42 @@ def _policy_loss_from_logps(
     if opt.importance_sampling_level == "sequence":
         # GSPO: one ratio per sequence, the exp of the mean log-ratio over its tokens
         log_ratio = (log_ratio.sum(-1, keepdim=True) / mw.sum(-1, keepdim=True).clamp(min=1.0))  # (B, 1)
-    ratio = torch.exp(log_ratio)
-    ratio_clip = torch.clamp(ratio, 1.0 - opt.epsilon_low, 1.0 + opt.eps_high)
-    ratio_main = ratio if opt.delta is None else torch.clamp(ratio, max=opt.delta)
+    ratio = torch.exp(log_ratio)  # (B, T) or (B, 1)
     A_m = torch.where(m, A, 0.0) if A.shape[1] == T else A
-    pg = -torch.minimum(ratio_main * A_m, ratio_clip * A_m)  # (B, T) or (B, 1) broadcast below
-    if opt.clip_ratio_c is not None:
-        pg = torch.where(A_m < 0, torch.minimum(pg, -opt.clip_ratio_c * A_m), pg)
+    if opt.loss_type == "cispo":
+        # a capped, stop-gradient importance weight times the log-prob: d/dlogp = -min(rho, cap) * A
+        weight = torch.clamp(ratio, max=opt.eps_high).detach()
+        pg = -weight * A_m * torch.where(m, logp, 0.0)  # (B, T)
+    elif opt.loss_type == "sapo":
+        # a soft gate instead of the clip: (4 / tau) * sigmoid(tau * (rho - 1)), slope 1 at rho = 1
+        tau = torch.where(A_m > 0, opt.sapo_temperature_pos, opt.sapo_temperature_neg)
+        pg = -(torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)) * A_m
+    else:
+        ratio_clip = torch.clamp(ratio, 1.0 - opt.epsilon_low, 1.0 + opt.eps_high)
+        ratio_main = ratio if opt.delta is None else torch.clamp(ratio, max=opt.delta)
+        pg = -torch.minimum(ratio_main * A_m, ratio_clip * A_m)  # (B, T) or (B, 1) broadcast below
+        if opt.clip_ratio_c is not None:
+            pg = torch.where(A_m < 0, torch.minimum(pg, -opt.clip_ratio_c * A_m), pg)
     per_token = pg.expand(B, T)
+
+    # masks of the policy-gradient term only (the KL term keeps every token, as in TRL)
+    keep_seq = None
+    if opt.off_policy_mask_threshold is not None:
+        # DeepSeek-V3.2 eq. 9: drop a sequence with A < 0 whose mean log(pi_sampling / pi) over its
+        # tokens exceeds the threshold (a sample estimate of KL(pi_sampling || pi))
+        samp = old if opt.sampling_logps is None else opt.sampling_logps.to(f32)
+        d = torch.where(m, torch.nan_to_num(samp - logp.detach(), nan=0.0), 0.0)
+        seq_kl = d.sum(-1, keepdim=True) / mw.sum(-1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        keep_seq = (A >= 0) | (seq_kl <= opt.off_policy_mask_threshold)  # (B, 1) or (B, T)
+        per_token = per_token * keep_seq
+    high_h = None
+    if opt.top_entropy_quantile < 1.0:
+        # "80/20": only the tokens whose entropy is in the top quantile of this micro-batch
+        # (of all ranks' micro-batches with entropy_gather) carry the policy gradient
+        thr = _entropy_threshold(entropy, m, 1.0 - opt.top_entropy_quantile, opt.entropy_gather)
+        high_h = (entropy.detach() >= thr) & m
+        per_token = per_token * high_h
+
     kl = None
     if ref_logps is not None:
         r = torch.where(m, ref_logps.to(f32) - logp, 0.0)  # log(ref / pi)
@@ -228,31 +318,45 @@ def _policy_loss_from_logps(
             kl = 0.5 * r * r
         else:
             kl = torch.exp(r) - r - 1.0
+        if opt.use_bias_correction_kl:
+            # weighted by the (differentiable) ratio: an unbiased estimate of KL(pi || ref) under
+            # samples from the old policy, and the gradient of the reverse KL even on-policy
+            kl = kl * ratio
         if opt.beta != 0.0:
             per_token = per_token + opt.beta * kl
-    if opt.entropy_coef != 0.0:
-        per_token = per_token - opt.entropy_coef * torch.where(m, entropy, 0.0)
 
     # every loss_type is a per-token weight w; loss = sum(w * l)
-    if opt.loss_type == "grpo":
-        w = mw / (mw.sum(-1, keepdim=True).clamp(min=1.0) * B)
+    ga = opt.gradient_accumulation_steps
+    if opt.loss_type in ("grpo", "sapo"):
+        w = mw / (mw.sum(-1, keepdim=True).clamp(min=1.0) * (B * ga))
     elif opt.loss_type == "bnpo":
-        w = mw / mw.sum().clamp(min=1.0)
+        w = mw / (mw.sum().clamp(min=1.0) * ga)
     elif opt.loss_type == "dr_grpo":
-        w = mw / (B * opt.max_completion_length)
-    else:  # dapo
+        w = mw / (B * opt.max_completion_length * ga)
+    else:  # dapo, cispo: num_items_in_batch already spans the accumulated batch
         n = opt.num_items_in_batch
         if n is None:
             w = mw / mw.sum().clamp(min=1.0)
         else:
             w = mw / (n.to(f32) if isinstance(n, Tensor) else float(n))
     loss = torch.where(m, w * per_token, 0.0).sum()
+    eff = m if high_h is None else high_h
+    if opt.entropy_coef != 0.0:
+        # the bonus is the mean entropy over the tokens the policy term uses, whatever the loss type
+        mean_h = torch.where(eff, entropy, 0.0).sum() / eff.to(f32).sum().clamp(min=1.0)
+        loss = loss - (opt.entropy_coef / ga) * mean_h
 
     with torch.no_grad():
         count = mw.sum().clamp(min=1.0)
         ratio_d = ratio.detach().expand(B, T)
-        low = (ratio_d < 1.0 - opt.epsilon_low) & (A < 0)
-        high = (ratio_d > 1.0 + opt.eps_high) & (A > 0)
+        cispo_clip = None
+        if opt.loss_type in ("cispo", "sapo"):  # no two-sided clip
+            low = high = torch.zeros((B, T), dtype=torch.bool, device=logp.device)
+            if opt.loss_type == "cispo":
+                cispo_clip = _masked_mean(((ratio_d > opt.eps_high) & (A > 0)).to(f32), m, count)
+        else:
+            low = (ratio_d < 1.0 - opt.epsilon_low) & (A < 0)
+            high = (ratio_d > 1.0 + opt.eps_high) & (A > 0)
         mean_kl = None if kl is None else _masked_mean(kl.detach(), m, count)
         out = PolicyLossOutput(
             loss=loss,
@@ -262,6 +366,10 @@ def _policy_loss_from_logps(
             clip_ratio_low=_masked_mean(low.to(f32), m, count),
             clip_ratio_high=_masked_mean(high.to(f32), m, count),
             clip_ratio_region=_masked_mean((low | high).to(f32), m, count),
+            cispo_clip_ratio=cispo_clip,
+            entropy_masked_frac=None if high_h is None else _masked_mean((~high_h).to(f32), m, count),
+            off_policy_masked_frac=(None if keep_seq is None
+                                    else _masked_mean((~keep_seq).expand(B, T).to(f32), m, count)),
         )
     return out
 
@@ -287,8 +395,16 @@ def policy_loss(
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     inplace_grad: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    top_entropy_quantile: float = 1.0,
+    use_bias_correction_kl: bool = True,
+    off_policy_mask_threshold: Optional[float] = None,
+    sampling_logps: Optional[Tensor] = None,
+    entropy_gather=None,
+    gradient_accumulation_steps: int = 1,
 ) -> PolicyLossOutput:
-    """The GRPO / PPO clipped-surrogate loss straight from the logits.
+    """The GRPO / PPO clipped-surrogate loss (and CISPO, SAPO) straight from the logits.
 
     Args:
         logits: (B, T, V) float32 / bfloat16 / float16 for the completion tokens (a strided
@@ -299,22 +415,34 @@ def policy_loss(
         old_logps: (B, T) log-probs under the sampling policy; None means on-policy
             (ratio 1, the gradient of rho * A).
         ref_logps: (B, T) log-probs under the reference model; needed when beta != 0.
-        loss_type: grpo | bnpo | dr_grpo | dapo (weights as in TRL; see DESIGN.md).
+        loss_type: grpo | bnpo | dr_grpo | dapo | cispo | sapo (as in TRL; docs/losses.md).
         beta, kl_estimator: KL penalty coefficient and estimator k1 | k2 | k3.
         epsilon_low, epsilon_high, delta, clip_ratio_c: ratio clipping (epsilon_high
             defaults to epsilon_low; delta caps the unclipped ratio; clip_ratio_c is the
-            dual clip for negative advantages).
+            dual clip for negative advantages). cispo: the weight is min(rho, epsilon_high).
         importance_sampling_level: token | sequence (GSPO).
-        entropy_coef: subtracts entropy_coef * H per token.
+        entropy_coef: subtracts entropy_coef * (the mean entropy over the masked tokens).
         temperature: the sampling temperature; logits are divided by it.
         max_completion_length: the constant normaliser of dr_grpo.
-        num_items_in_batch: dapo's normaliser (number or scalar tensor); the mask sum if None.
+        num_items_in_batch: dapo / cispo normaliser (number or scalar tensor, > 0); the mask sum if None.
         inplace_grad: write the logits gradient into the logits tensor during backward
             (saves a logits-sized buffer; the logits must not be needed afterwards).
+        sapo_temperature_pos, sapo_temperature_neg: sapo's gate temperatures for A > 0 / A <= 0.
+        top_entropy_quantile: the policy term (and the entropy bonus) use only the tokens whose
+            entropy is at or above this quantile-from-the-top of the masked tokens (1.0 = all).
+        use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's default).
+        off_policy_mask_threshold: drop the policy term of sequences with A < 0 whose mean
+            log(pi_sampling / pi) exceeds it (None = off).
+        sampling_logps: (B, T) the sampling engine's log-probs for that mask; old_logps if None.
+        entropy_gather: under torch.distributed, gathers the (B*T,) entropies (NaN = masked) of
+            every rank, so the entropy quantile is over all ranks' tokens, as in TRL.
+        gradient_accumulation_steps: micro-batches whose losses the caller sums for one step.
 
     Returns:
         PolicyLossOutput(loss, logps, kl, entropy, clip_ratio_low, clip_ratio_high,
-        clip_ratio_region): ``loss`` is differentiable w.r.t. the logits, the rest detached.
+        clip_ratio_region, cispo_clip_ratio, entropy_masked_frac, off_policy_masked_frac):
+        ``loss`` is differentiable w.r.t. the logits, the rest detached. Means over zero
+        tokens (T == 0, or an all-zero mask) are 0.
 
     Equivalent plain torch for the default options (TRL's formulation)::
 
@@ -330,9 +458,10 @@ def policy_loss(
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     _check_bt("advantages", advantages, logits, allow_b=True)
-    _check_bt("mask", mask, logits, integer_ok=True)
+    _check_mask(mask, logits)
     _check_bt("old_logps", old_logps, logits)
     _check_bt("ref_logps", ref_logps, logits)
+    _check_bt("sampling_logps", sampling_logps, logits)
     opt = LossOptions(
         loss_type=loss_type,
         beta=beta,
@@ -346,12 +475,23 @@ def policy_loss(
         temperature=float(temperature),
         max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        top_entropy_quantile=top_entropy_quantile,
+        use_bias_correction_kl=use_bias_correction_kl,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        sampling_logps=sampling_logps,
+        entropy_gather=entropy_gather,
+        gradient_accumulation_steps=gradient_accumulation_steps,
     )
     if opt.beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={opt.beta} needs ref_logps (the reference model's log-probs), got None")
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
 
+    if token_ids.numel() == 0:  # no tokens: a zero loss with a zero gradient, on every backend
+        logp, entropy = _empty_phase1(logits, token_ids)
+        return _policy_loss_from_logps(logp, entropy, advantages, mask, old_logps, ref_logps, opt)
     whole, t_start, t_len = _time_window(logits)
     logp, _, entropy = torch.ops.grpo_fast.token_logprobs(
         whole, token_ids, float(temperature), True, inplace_grad, t_start, t_len

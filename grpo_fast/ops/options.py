@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
 
@@ -28,22 +28,53 @@ def _check_number(name: str, value, *, low=None, low_open=False, allow_none=Fals
         raise ValueError(f"{name}={value!r}: expected {'>' if low_open else '>='} {low}")
 
 
+def _check_positive_tensor(name: str, n) -> None:
+    """A one-element tensor must be finite and > 0. On CUDA reading it back would stall the host
+    on every call, so the check is a device-side assert there (it fails the next synchronising call)."""
+    import torch
+
+    if n.dtype == torch.bool or n.dtype.is_complex:
+        raise TypeError(f"{name} must be a real number tensor, got {n.dtype}")
+    if torch.compiler.is_compiling():
+        return
+    if n.is_cuda:
+        torch._assert_async(torch.isfinite(n) & (n > 0), f"{name} must be finite and > 0")
+        return
+    value = float(n)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r}: expected a finite number > 0")
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """Everything about the loss that is not a tensor. Field meanings follow TRL."""
 
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo: how per-token losses are weighted
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (docs/losses.md)
     beta: float = 0.0  # KL coefficient (needs ref_logps when != 0)
     kl_estimator: str = "k3"  # k1 | k2 | k3 estimator of KL(pi || ref)
     epsilon_low: float = 0.2  # lower clip: rho >= 1 - epsilon_low
-    epsilon_high: Optional[float] = None  # upper clip: rho <= 1 + epsilon_high (defaults to epsilon_low)
+    epsilon_high: Optional[float] = None  # upper clip: rho <= 1 + epsilon_high (defaults to epsilon_low);
+    # for cispo the cap of the importance weight itself: min(rho, epsilon_high) (TRL; ScaleRL suggests 5.0)
     delta: Optional[float] = None  # two-sided clipping: rho <= delta in the unclipped branch
     clip_ratio_c: Optional[float] = None  # dual clip for A < 0 (PPO): loss <= -c * A
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * H
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * (mean H over the masked tokens)
     temperature: float = 1.0  # logits are divided by this before the softmax
     max_completion_length: Optional[int] = None  # dr_grpo's constant normaliser
-    num_items_in_batch: Optional[float] = None  # dapo's normaliser (sum of the mask when None)
+    num_items_in_batch: Optional[float] = None  # dapo / cispo normaliser (sum of the mask when None)
+    sapo_temperature_pos: float = 1.0  # sapo gate temperature for tokens with A > 0
+    sapo_temperature_neg: float = 1.05  # sapo gate temperature for tokens with A <= 0
+    top_entropy_quantile: float = 1.0  # policy term on the top-q entropy tokens only (1.0 = all)
+    use_bias_correction_kl: bool = True  # KL term times the importance ratio (DeepSeek-V3.2, TRL default)
+    off_policy_mask_threshold: Optional[float] = None  # drop A < 0 sequences whose mean KL(old||pi) > this
+    # per-token log-probs of the sampling engine (B, T), for off_policy_mask_threshold; old_logps when None
+    sampling_logps: Optional[Any] = field(default=None, compare=False)
+    # under torch.distributed: maps this rank's (B*T,) entropies, NaN at masked tokens, to the concatenation
+    # of every rank's (NaN allowed), so the top_entropy_quantile threshold is over all ranks, as in TRL
+    entropy_gather: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
+    # micro-batches per optimiser step whose losses the caller sums: per-micro-batch means (grpo, bnpo,
+    # dr_grpo, sapo, the entropy bonus) are divided by it; dapo / cispo use num_items_in_batch instead
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self):
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -58,6 +89,26 @@ class LossOptions:
         _check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True, allow_none=True)
         _check_number("entropy_coef", self.entropy_coef)
         _check_number("temperature", self.temperature, low=0.0, low_open=True)
+        _check_number("sapo_temperature_pos", self.sapo_temperature_pos, low=0.0, low_open=True)
+        _check_number("sapo_temperature_neg", self.sapo_temperature_neg, low=0.0, low_open=True)
+        _check_number("top_entropy_quantile", self.top_entropy_quantile, low=0.0)
+        if self.top_entropy_quantile > 1.0:
+            raise ValueError(f"top_entropy_quantile={self.top_entropy_quantile!r}: expected a value in [0, 1]")
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
+        _check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_none=True)
+        if self.entropy_gather is not None and not callable(self.entropy_gather):
+            raise TypeError(f"entropy_gather must be callable or None, got {type(self.entropy_gather).__name__}")
+        ga = self.gradient_accumulation_steps
+        if isinstance(ga, bool) or not isinstance(ga, int):
+            raise TypeError(f"gradient_accumulation_steps must be an int, got {type(ga).__name__}")
+        if ga < 1:
+            raise ValueError(f"gradient_accumulation_steps={ga}: expected >= 1")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ValueError(
+                "loss_type='cispo' needs epsilon_high: the cap of the importance weight, min(rho, epsilon_high) "
+                "(TRL's meaning for cispo; ScaleRL suggests 5.0)"
+            )
         if self.loss_type == "dr_grpo":
             if self.max_completion_length is None:
                 raise ValueError("loss_type='dr_grpo' needs max_completion_length (the constant normaliser)")
@@ -73,6 +124,7 @@ class LossOptions:
             if hasattr(n, "numel"):  # a tensor (e.g. an all-reduced token count): checked without a sync
                 if n.numel() != 1:
                     raise ValueError(f"num_items_in_batch: expected a scalar tensor, got shape {tuple(n.shape)}")
+                _check_positive_tensor("num_items_in_batch", n)
             else:
                 _check_number("num_items_in_batch", n, low=0.0, low_open=True)
 
