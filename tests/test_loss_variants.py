@@ -1,0 +1,325 @@
+"""The loss variants of issue 14 against the float64 reference (reference.py), on both backends:
+cispo, sapo, top_entropy_quantile, off_policy_mask_threshold, use_bias_correction_kl, the
+entropy bonus as TRL normalises it, gradient_accumulation_steps, and batches with no tokens.
+
+Shapes are odd (T = 37, V = 1000) on the PyTorch path and small under the Triton interpreter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grpo_fast
+from grpo_fast.ops.functional import _entropy_threshold
+from conftest import devices
+from reference import ref_policy_loss, ref_token_stats
+from test_policy_loss import BACKENDS, sample_inputs  # noqa: F401  (shared inputs)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("GRPO_FAST_BACKEND", request.param)
+    return request.param
+
+
+def _shape(backend):
+    return dict(T=37, V=1000) if backend == "torch" else dict(T=6, V=129)
+
+
+NEW_METRICS = ("cispo_clip_ratio", "entropy_masked_frac", "off_policy_masked_frac")
+
+
+def check(inp, *, use_old=True, use_ref=True, sampling=None, extra_entropies=None, gather=None, **opts):
+    """Loss, logits gradient and every metric of policy_loss against the float64 reference."""
+    logits = inp["logits"].detach().clone().requires_grad_()
+    kw = dict(mask=inp["mask"], old_logps=inp["old"] if use_old else None,
+              ref_logps=inp["ref"] if use_ref else None)
+    out = grpo_fast.policy_loss(logits, inp["ids"], inp["adv"], **kw, sampling_logps=sampling,
+                                entropy_gather=gather, **opts)
+    (out.loss * 1.3).backward()
+
+    x64 = inp["logits"].detach().cpu().double().requires_grad_()
+    kw64 = {k: (v.cpu() if v is not None else None) for k, v in kw.items()}
+    ref_loss, ref_m = ref_policy_loss(x64, inp["ids"].cpu(), inp["adv"].cpu(), **kw64,
+                                      sampling_logps=None if sampling is None else sampling.cpu(),
+                                      extra_entropies=extra_entropies, **opts)
+    (ref_loss * 1.3).backward()
+
+    assert torch.isfinite(out.loss)
+    assert abs(out.loss.item() - ref_loss.item()) <= 2e-5 * max(1.0, abs(ref_loss.item())), \
+        (out.loss.item(), ref_loss.item())
+    g, g64 = logits.grad.cpu().double(), x64.grad
+    gscale = g64.abs().max().item() + 1e-30
+    assert (g - g64).abs().max().item() <= 2e-5 * gscale, ((g - g64).abs().max().item(), gscale)
+    for name in ("entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "kl") + NEW_METRICS:
+        ours, want = getattr(out, name), ref_m[name]
+        if want is None:
+            assert ours is None, name
+        else:
+            assert abs(ours.item() - want.item()) <= 1e-4 * max(1.0, abs(want.item())), (name, ours, want)
+    return out, ref_loss
+
+
+# ------------------------------------------------------------------ cispo
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("cap,num_items", [(1.25, None), (5.0, 31), (0.9, None)])
+def test_cispo(device, backend, level, cap, num_items):
+    inp = sample_inputs(device, B=3, **_shape(backend), seed=20)
+    out, _ = check(inp, loss_type="cispo", epsilon_high=cap, importance_sampling_level=level,
+                   num_items_in_batch=num_items, beta=0.03)
+    assert out.clip_ratio_region.item() == 0.0  # no two-sided clip in cispo
+    if cap == 0.9 and level == "token":
+        assert out.cispo_clip_ratio.item() > 0  # the cap does bind here, so the test sees it
+
+
+def test_cispo_gradient_is_capped_weight_times_advantage():
+    """d loss / d logp = -min(rho, cap) * A / N per token: the weight carries no gradient."""
+    B, T = 2, 4
+    logp = torch.randn(B, T, dtype=torch.float64, requires_grad=True)
+    old = logp.detach() + torch.tensor([[0.5, -0.5, 0.0, 1.0], [-1.0, 0.1, 0.2, 0.3]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    from grpo_fast.ops.functional import _policy_loss_from_logps
+    from grpo_fast.ops.options import LossOptions
+
+    opt = LossOptions(loss_type="cispo", epsilon_high=1.2)
+    out = _policy_loss_from_logps(logp, torch.zeros_like(logp), adv, None, old, None, opt)
+    out.loss.backward()
+    rho = torch.exp(logp.detach() - old)
+    want = -rho.clamp(max=1.2) * adv[:, None] / (B * T)
+    assert torch.allclose(logp.grad, want, atol=1e-12)
+
+
+# ------------------------------------------------------------------ sapo
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("temps", [(1.0, 1.05), (3.0, 0.5)])
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_sapo(device, backend, level, temps, per_token_adv):
+    inp = sample_inputs(device, B=3, **_shape(backend), per_token_adv=per_token_adv, seed=21)
+    inp["old"] = inp["old"] + 0.5 * torch.randn_like(inp["old"])
+    out, _ = check(inp, loss_type="sapo", importance_sampling_level=level, sapo_temperature_pos=temps[0],
+                   sapo_temperature_neg=temps[1], beta=0.02, entropy_coef=0.01)
+    assert out.clip_ratio_region.item() == 0.0 and out.cispo_clip_ratio is None
+
+
+def test_sapo_on_policy_gradient_equals_grpo():
+    """At rho = 1 the gate has value 4/tau * sigmoid(0) = 1/tau... times tau/4 slope: its gradient
+    is that of rho * A, the same as grpo's, whatever the temperatures."""
+    inp = sample_inputs("cpu", B=3, T=9, V=50, seed=22)
+    grads = []
+    for lt, extra in (("grpo", {}), ("sapo", dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.7))):
+        x = inp["logits"].clone().requires_grad_()
+        grpo_fast.policy_loss(x, inp["ids"], inp["adv"], inp["mask"], loss_type=lt, **extra).loss.backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ top_entropy_quantile
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("q", [0.2, 0.5, 0.0])
+@pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("dapo", {}), ("cispo", {"epsilon_high": 2.0}),
+                                             ("sapo", {})])
+def test_top_entropy_quantile(device, backend, q, loss_type, extra):
+    inp = sample_inputs(device, B=3, **_shape(backend), seed=23)
+    out, _ = check(inp, loss_type=loss_type, top_entropy_quantile=q, beta=0.05, entropy_coef=0.02, **extra)
+    m = inp["mask"]
+    n = int(m.sum())
+    kept = round((1 - out.entropy_masked_frac.item()) * n)
+    assert 1 <= kept <= max(1, int(q * n) + 1), (kept, n, q)
+
+
+def test_top_entropy_quantile_one_is_off_and_zero_keeps_the_max():
+    inp = sample_inputs("cpu", B=3, T=37, V=1000, seed=24)
+    base = grpo_fast.policy_loss(inp["logits"], inp["ids"], inp["adv"], inp["mask"], inp["old"])
+    same = grpo_fast.policy_loss(inp["logits"], inp["ids"], inp["adv"], inp["mask"], inp["old"],
+                                 top_entropy_quantile=1.0)
+    assert same.entropy_masked_frac is None and torch.equal(base.loss, same.loss)
+    top = grpo_fast.policy_loss(inp["logits"], inp["ids"], inp["adv"], inp["mask"], inp["old"],
+                                top_entropy_quantile=0.0)
+    assert abs(top.entropy_masked_frac.item() - (1 - 1 / int(inp["mask"].sum()))) < 1e-6
+
+
+def test_entropy_threshold_matches_torch_quantile():
+    g = torch.Generator().manual_seed(0)
+    for B, T in ((3, 37), (1, 1), (4, 5)):
+        ent = torch.rand(B, T, generator=g) * 5
+        ent[0, 0] = ent[-1, -1]  # a tie
+        m = torch.rand(B, T, generator=g) < 0.7
+        m[0, 0] = True
+        for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+            got = _entropy_threshold(ent, m, q).item()
+            want = torch.quantile(ent[m], q).item()
+            assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (B, T, q, got, want)
+    none = _entropy_threshold(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.bool), 0.8)
+    assert none.item() == float("inf")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_entropy_quantile_over_all_ranks(device, backend):
+    """entropy_gather joins other ranks' entropies before the quantile (TRL gathers across processes)."""
+    inp = sample_inputs(device, B=3, **_shape(backend), seed=25)
+    other = torch.rand(23, dtype=torch.float64) * 8  # another rank's masked-token entropies
+
+    def gather(local):
+        pad = torch.full((5,), float("nan"), dtype=local.dtype, device=local.device)  # its padding
+        return torch.cat([local, other.to(local.dtype).to(local.device), pad])
+
+    check(inp, top_entropy_quantile=0.3, extra_entropies=other.float().double(), gather=gather,
+          entropy_coef=0.01)
+
+
+# ------------------------------------------------------------------ off_policy_mask_threshold
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 10.0])
+@pytest.mark.parametrize("use_sampling", [False, True])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_off_policy_mask(device, backend, threshold, use_sampling, level):
+    inp = sample_inputs(device, B=4, **_shape(backend), seed=26)
+    inp["mask"][-1] = True  # every sequence has tokens here
+    inp["adv"] = torch.tensor([-1.0, -0.5, 0.7, -2.0], device=device)
+    sampling = None
+    if use_sampling:
+        logp, _ = ref_token_stats(inp["logits"].cpu(), inp["ids"].cpu())
+        shift = torch.tensor([0.5, -0.5, 0.5, 0.01])[:, None]
+        sampling = (logp + shift).float().to(device)
+    out, _ = check(inp, loss_type="bnpo", off_policy_mask_threshold=threshold, sampling=sampling,
+                   importance_sampling_level=level, beta=0.05)
+    if threshold == 10.0:
+        assert out.off_policy_masked_frac.item() == 0.0
+    if use_sampling and threshold == 0.05:
+        # sequence 0 (A < 0, KL 0.5) dropped; 1 (KL < 0), 2 (A > 0), 3 (KL 0.01) kept
+        m = inp["mask"].cpu().float()
+        assert abs(out.off_policy_masked_frac.item() - (m[0].sum() / m.sum()).item()) < 1e-6
+
+
+def test_off_policy_mask_drops_only_the_policy_term():
+    inp = sample_inputs("cpu", B=2, T=9, V=50, seed=27)
+    inp["mask"][:] = True
+    adv = torch.tensor([-1.0, -1.0])
+    logp, _ = ref_token_stats(inp["logits"], inp["ids"])
+    sampling = (logp + 1.0).float()  # mean KL 1 > threshold for both: both dropped
+    x = inp["logits"].clone().requires_grad_()
+    out = grpo_fast.policy_loss(x, inp["ids"], adv, inp["mask"], inp["old"], inp["ref"], beta=0.1,
+                                off_policy_mask_threshold=0.5, sampling_logps=sampling)
+    x2 = inp["logits"].clone().requires_grad_()
+    kl_only = grpo_fast.policy_loss(x2, inp["ids"], torch.zeros(2), inp["mask"], inp["old"], inp["ref"], beta=0.1)
+    assert out.off_policy_masked_frac.item() == 1.0
+    assert torch.allclose(out.loss, kl_only.loss, atol=1e-7)
+
+
+# ------------------------------------------------------------------ KL bias correction
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("estimator", ["k3", "k1", "k2"])
+@pytest.mark.parametrize("use_old", [True, False])
+def test_kl_bias_correction(device, backend, bias, level, estimator, use_old):
+    inp = sample_inputs(device, B=3, **_shape(backend), seed=28)
+    check(inp, use_old=use_old, beta=0.2, use_bias_correction_kl=bias, importance_sampling_level=level,
+          kl_estimator=estimator)
+
+
+def test_bias_correction_changes_the_on_policy_gradient_not_the_value():
+    inp = sample_inputs("cpu", B=3, T=37, V=1000, seed=29)
+    res = {}
+    for bias in (True, False):
+        x = inp["logits"].clone().requires_grad_()
+        out = grpo_fast.policy_loss(x, inp["ids"], inp["adv"], inp["mask"], None, inp["ref"], beta=0.1,
+                                    use_bias_correction_kl=bias)
+        out.loss.backward()
+        res[bias] = (out.loss.item(), x.grad, out.kl.item())
+    assert abs(res[True][0] - res[False][0]) < 1e-6 and abs(res[True][2] - res[False][2]) < 1e-6
+    diff = (res[True][1] - res[False][1]).abs().max() / res[False][1].abs().max()
+    assert diff > 1e-3, diff
+
+
+# ------------------------------------------------------------------ entropy bonus, accumulation
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("bnpo", {}), ("dr_grpo", {"max_completion_length": 41}),
+                                             ("dapo", {"num_items_in_batch": 57}), ("cispo", {"epsilon_high": 3.0}),
+                                             ("sapo", {})])
+@pytest.mark.parametrize("ga", [1, 3])
+def test_entropy_bonus_and_accumulation(device, backend, loss_type, extra, ga):
+    inp = sample_inputs(device, B=3, **_shape(backend), seed=30)
+    check(inp, loss_type=loss_type, entropy_coef=0.05, gradient_accumulation_steps=ga, beta=0.01, **extra)
+
+
+def test_entropy_bonus_is_the_token_mean_whatever_the_loss_type():
+    """With A = 0 and no KL the loss is -coef * (mean entropy over the masked tokens) for every loss type."""
+    inp = sample_inputs("cpu", B=3, T=11, V=64, seed=31)
+    _, ent = ref_token_stats(inp["logits"], inp["ids"])
+    m = inp["mask"]
+    want = -0.1 * ent[m].mean().item()
+    for lt, extra in (("grpo", {}), ("bnpo", {}), ("dr_grpo", {"max_completion_length": 100}),
+                      ("dapo", {"num_items_in_batch": 1000}), ("cispo", {"epsilon_high": 5.0}), ("sapo", {})):
+        out = grpo_fast.policy_loss(inp["logits"], inp["ids"], torch.zeros(3), m, inp["old"],
+                                    entropy_coef=0.1, loss_type=lt, **extra)
+        assert abs(out.loss.item() - want) < 1e-5, (lt, out.loss.item(), want)
+        out2 = grpo_fast.policy_loss(inp["logits"], inp["ids"], torch.zeros(3), m, inp["old"],
+                                     entropy_coef=0.1, loss_type=lt, gradient_accumulation_steps=4, **extra)
+        assert abs(out2.loss.item() - want / 4) < 1e-5, lt
+
+
+# ------------------------------------------------------------------ every option at once
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("loss_type,extra", [("grpo", {"delta": 1.5, "epsilon_high": 0.28}),
+                                             ("cispo", {"epsilon_high": 1.5}), ("sapo", {})])
+def test_all_options_together(device, backend, loss_type, extra):
+    inp = sample_inputs(device, B=4, **_shape(backend), seed=32)
+    inp["adv"] = torch.tensor([-1.0, 0.5, -0.3, 1.2], device=device)
+    check(inp, loss_type=loss_type, beta=0.04, entropy_coef=0.01, top_entropy_quantile=0.4,
+          off_policy_mask_threshold=0.02, temperature=0.8, gradient_accumulation_steps=2, **extra)
+
+
+def test_gradcheck_float64_variants():
+    torch.manual_seed(0)
+    B, T, V = 2, 4, 7
+    ids = torch.randint(0, V, (B, T))
+    adv = torch.tensor([0.7, -1.1])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    old = torch.randn(B, T, dtype=torch.float64) * 0.1 - 2
+    ref = torch.randn(B, T, dtype=torch.float64) * 0.1 - 2
+    x = torch.randn(B, T, V, dtype=torch.float64, requires_grad=True)
+    # (not cispo: its loss value contains the stop-gradient weight, so finite differences of the
+    # value are not its defined gradient; test_cispo_gradient_is_capped_weight_times_advantage covers it)
+    for opts in (dict(loss_type="sapo"),
+                 dict(top_entropy_quantile=0.3, entropy_coef=0.05), dict(off_policy_mask_threshold=0.0),
+                 dict(importance_sampling_level="sequence", loss_type="sapo")):
+        def f(z):
+            return grpo_fast.policy_loss(z, ids, adv, mask, old, ref, beta=0.1, temperature=0.8, **opts).loss
+        assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6), opts
+
+
+# ------------------------------------------------------------------ no tokens (issue 11 §5)
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("B,T", [(2, 0), (0, 5)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_no_tokens_gives_zero_loss_and_zero_gradient(device, backend, B, T, strided):
+    V = 11
+    full = torch.randn(B, T + 1, V, device=device, requires_grad=True)
+    logits = full[:, :-1] if strided else full[:, :T]
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    z = torch.zeros(B, T, device=device)
+    for lt, extra in (("grpo", {}), ("bnpo", {}), ("dr_grpo", {"max_completion_length": 8}), ("dapo", {}),
+                      ("cispo", {"epsilon_high": 2.0}), ("sapo", {})):
+        out = grpo_fast.policy_loss(logits, ids, torch.randn(B, device=device), torch.ones(B, T, device=device),
+                                    z, z, loss_type=lt, beta=0.1, entropy_coef=0.01, top_entropy_quantile=0.2,
+                                    off_policy_mask_threshold=0.1, **extra)
+        out.loss.backward()
+        assert out.loss.item() == 0.0
+        assert full.grad is not None and full.grad.shape == full.shape and (full.grad == 0).all()
+        for name in ("entropy", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
+                     "entropy_masked_frac", "off_policy_masked_frac"):
+            assert getattr(out, name).item() == 0.0, name
+        full.grad = None
+    lp, ent = grpo_fast.selective_log_softmax(logits, ids, return_entropy=True)
+    assert lp.shape == (B, T) and ent.shape == (B, T) and lp.dtype == torch.float32
