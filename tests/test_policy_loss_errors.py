@@ -60,6 +60,33 @@ CASES = [
     (dict(num_items_in_batch=torch.ones(3)), ValueError, ["num_items_in_batch", "(3,)"]),
     (dict(beta="0.1"), TypeError, ["beta", "str"]),
     (dict(inplace_grad="yes"), TypeError, ["inplace_grad"]),
+    # issue 11 §5: refused the same way on both backends (see test_same_refusal_on_both_backends)
+    (dict(token_ids=torch.zeros(B, T, dtype=torch.uint8)), TypeError, ["token_ids", "uint8", "int64", "int32"]),
+    (dict(token_ids=torch.zeros(B, T, dtype=torch.int16)), TypeError, ["token_ids", "int16"]),
+    (dict(token_ids=torch.zeros(B, T, dtype=torch.bool)), TypeError, ["token_ids", "bool"]),
+    (dict(mask=torch.full((B, T), 2.0)), ValueError, ["mask", "0 and 1", "2.0"]),
+    (dict(mask=torch.full((B, T), 0.5)), ValueError, ["mask", "0 and 1", "0.5"]),
+    (dict(mask=torch.full((B, T), -1, dtype=torch.long)), ValueError, ["mask", "0 and 1", "-1"]),
+    (dict(mask=torch.full((B, T), float("nan"))), ValueError, ["mask", "0 and 1"]),
+    (dict(loss_type="dapo", num_items_in_batch=torch.tensor(0.0)), ValueError, ["num_items_in_batch", "> 0"]),
+    (dict(loss_type="dapo", num_items_in_batch=torch.tensor(-3)), ValueError, ["num_items_in_batch", "-3"]),
+    (dict(loss_type="dapo", num_items_in_batch=torch.tensor(float("nan"))), ValueError, ["num_items_in_batch"]),
+    (dict(num_items_in_batch=-1.0), ValueError, ["num_items_in_batch", "-1.0"]),
+    # the options of issue 14
+    (dict(loss_type="cispo"), ValueError, ["cispo", "epsilon_high"]),
+    (dict(sapo_temperature_pos=0.0), ValueError, ["sapo_temperature_pos", "0.0"]),
+    (dict(sapo_temperature_neg=-1.0), ValueError, ["sapo_temperature_neg", "-1.0"]),
+    (dict(top_entropy_quantile=1.5), ValueError, ["top_entropy_quantile", "1.5", "[0, 1]"]),
+    (dict(top_entropy_quantile=-0.1), ValueError, ["top_entropy_quantile", "-0.1"]),
+    (dict(top_entropy_quantile=float("nan")), ValueError, ["top_entropy_quantile"]),
+    (dict(use_bias_correction_kl="yes"), TypeError, ["use_bias_correction_kl", "bool"]),
+    (dict(off_policy_mask_threshold=float("inf")), ValueError, ["off_policy_mask_threshold"]),
+    (dict(off_policy_mask_threshold="0.5"), TypeError, ["off_policy_mask_threshold", "str"]),
+    (dict(sampling_logps=torch.randn(B, T + 1)), ValueError, ["sampling_logps", str((B, T + 1))]),
+    (dict(sampling_logps=torch.zeros(B, T, dtype=torch.long)), TypeError, ["sampling_logps", "floating"]),
+    (dict(entropy_gather=3), TypeError, ["entropy_gather", "callable"]),
+    (dict(gradient_accumulation_steps=0), ValueError, ["gradient_accumulation_steps", "0"]),
+    (dict(gradient_accumulation_steps=2.0), TypeError, ["gradient_accumulation_steps", "int"]),
 ]
 
 
@@ -91,4 +118,72 @@ def test_bad_backend_setting(monkeypatch):
 
 def test_good_input_still_works():
     out = _call(beta=0.1, loss_type="dapo", num_items_in_batch=torch.tensor(7.0))
+    assert torch.isfinite(out.loss)
+
+
+def _kernels_ready() -> bool:
+    try:
+        from grpo_fast.kernels import token_logprobs_forward  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if _kernels_ready() else []))
+@pytest.mark.parametrize("case", ["uint8", "int16", "mask2", "n0"])
+def test_same_refusal_on_both_backends(backend, case, monkeypatch):
+    """The same bad input gets the same error class and message on the PyTorch path and the kernels
+    (before: RuntimeError from gather on one, TypeError on the other; masks of 2 and a zero tensor
+    num_items_in_batch were silently used)."""
+    monkeypatch.setenv("GRPO_FAST_BACKEND", backend)
+    override = {
+        "uint8": dict(token_ids=torch.zeros(B, T, dtype=torch.uint8)),
+        "int16": dict(token_ids=torch.zeros(B, T, dtype=torch.int16)),
+        "mask2": dict(mask=torch.full((B, T), 2.0)),
+        "n0": dict(loss_type="dapo", num_items_in_batch=torch.tensor(0)),
+    }[case]
+    exc = TypeError if case in ("uint8", "int16") else ValueError
+    with pytest.raises(exc) as info:
+        _call(**override)
+    first = str(info.value)
+    if case in ("uint8", "int16"):  # selective_log_softmax shares the check
+        with pytest.raises(exc):
+            grpo_fast.selective_log_softmax(torch.randn(B, T, V), override["token_ids"])
+    assert first
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if _kernels_ready() else []))
+def test_zero_length_completions_work(backend, monkeypatch):
+    """T = 0 (issue 11 §5): a zero loss with a zero gradient, metrics 0 (means over no tokens)."""
+    monkeypatch.setenv("GRPO_FAST_BACKEND", backend)
+    logits = torch.randn(B, 0, V, requires_grad=True)
+    out = grpo_fast.policy_loss(logits, torch.zeros(B, 0, dtype=torch.long), torch.randn(B))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.entropy.item() == 0.0 and out.clip_ratio_region.item() == 0.0
+    assert logits.grad.shape == (B, 0, V)
+
+
+def test_float_and_int_masks_of_zeros_and_ones_are_accepted():
+    for mask in (torch.ones(B, T), torch.ones(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.int32),
+                 torch.ones(B, T, dtype=torch.bfloat16)):
+        mask[0, -1] = 0
+        out = _call(mask=mask)
+        ref = _call(mask=mask != 0)
+        assert torch.equal(out.loss, ref.loss)
+
+
+def test_cuda_checks_need_no_host_sync():
+    """On CUDA the value checks are device-side asserts: no .item() / bool() of a device tensor."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kw = {k: v.cuda() for k, v in _inputs().items()}
+    kw["mask"] = kw["mask"].float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = grpo_fast.policy_loss(kw.pop("logits"), kw.pop("token_ids"), kw.pop("advantages"), **kw,
+                                    loss_type="dapo", num_items_in_batch=torch.tensor(9.0, device="cuda"),
+                                    top_entropy_quantile=0.5, off_policy_mask_threshold=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss)
