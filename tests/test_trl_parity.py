@@ -1,0 +1,211 @@
+"""Our policy_loss against TRL 1.16's own GRPO loss (GRPOTrainer._compute_loss) on the same micro-batch.
+
+A tiny local Llama (grpo_fast.demo, no downloads) is wrapped in a constructed, untrained TRL
+GRPOTrainer per setting; TRL computes its loss through its fused LM head from the prompt and
+completion ids, we compute ours from the same model's logits. Both get the same old, reference
+and sampling log-probs, advantages and masks. They must agree to 1e-5 in the loss and, for every
+parameter, to 1e-4 of the largest gradient.
+
+Every loss type and option that both libraries have is covered: grpo, bnpo, dr_grpo, dapo,
+epsilon_high, delta, GSPO (sequence level), temperature, the k3 KL with and without TRL's bias
+correction, cispo, sapo, top_entropy_quantile, off_policy_mask_threshold, and the entropy bonus
+(also under gradient accumulation).
+
+TRL needs its reference model only to compute ref log-probs, which here come with the inputs: the
+trainer is built with beta = 0 (so it loads no model from a hub) and its beta is set afterwards.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+import grpo_fast
+
+trl = pytest.importorskip("trl", reason="TRL is the reference here (pip install 'trl>=1.16,<1.17')")
+if not trl.__version__.startswith("1.16."):
+    pytest.skip(f"written against TRL 1.16's loss, found trl {trl.__version__}", allow_module_level=True)
+
+P, T, G = 5, 9, 2  # prompt tokens, completion tokens, completions per prompt
+LENGTHS = [9, 4, 1, 7, 9, 6]  # ragged completions, one of a single token
+B = len(LENGTHS)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from datasets import Dataset
+
+    from grpo_fast.demo import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=32, num_layers=2, seed=3)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    prompt_ids = torch.randint(4, V, (B // G, P), generator=g).repeat_interleave(G, 0)  # (B, P)
+    completion_ids = torch.randint(4, V, (B, T), generator=g)
+    completion_mask = (torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    advantages = torch.tensor([1.3, -1.3, 0.4, -0.4, -0.9, 0.9])
+    noise = torch.randn(3, B, T, generator=g)
+    data = Dataset.from_list([{"prompt": "1+2="}] * 8)
+    return dict(tok=tok, model=model, prompt_ids=prompt_ids, completion_ids=completion_ids,
+                completion_mask=completion_mask, advantages=advantages, noise=noise, data=data,
+                out=str(tmp_path_factory.mktemp("trl")))
+
+
+def _trainer(parts, trl_kwargs):
+    from trl import GRPOConfig, GRPOTrainer
+
+    kw = dict(trl_kwargs)
+    beta = kw.pop("beta", 0.0)
+    ga = kw.get("gradient_accumulation_steps", 1)
+    args = GRPOConfig(output_dir=parts["out"], use_cpu=True, report_to="none", bf16=False, save_strategy="no",
+                      per_device_train_batch_size=B, num_generations=G, max_completion_length=T, **kw)
+
+    def reward(completions, **_):
+        return [0.0] * len(completions)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=copy.deepcopy(parts["model"]), reward_funcs=reward, args=args,
+                              train_dataset=parts["data"], processing_class=parts["tok"])
+    trainer.beta = beta  # the ref log-probs come with the inputs (see the module docstring)
+    trainer.current_gradient_accumulation_steps = ga  # set by Trainer's training loop otherwise
+    trainer.model.train()
+    return trainer
+
+
+def _logits(model, parts):
+    ids = torch.cat([parts["prompt_ids"], parts["completion_ids"]], 1)
+    am = torch.cat([torch.ones_like(parts["prompt_ids"]), parts["completion_mask"]], 1)
+    return model(input_ids=ids, attention_mask=am).logits[:, P - 1:-1]  # (B, T, V) predicting the completion
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# (TRL GRPOConfig fields, extra inputs): our options are the same names, except epsilon -> epsilon_low
+CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo"),
+    "dapo_ga2_entropy": dict(loss_type="dapo", gradient_accumulation_steps=2, entropy_coef=0.01),
+    "grpo_ga2_entropy": dict(loss_type="grpo", gradient_accumulation_steps=2, entropy_coef=0.01),
+    "epsilon_high": dict(loss_type="grpo", epsilon=0.1, epsilon_high=0.28),
+    "delta": dict(loss_type="grpo", epsilon_high=0.28, delta=1.2),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    "temperature": dict(loss_type="dapo", temperature=0.7),
+    "k3_bias_corrected": dict(loss_type="grpo", beta=0.04),
+    "k3_plain": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=False),
+    "k3_bias_corrected_on_policy": dict(loss_type="dapo", beta=0.1, _on_policy=True),
+    "k3_bias_corrected_gspo": dict(loss_type="grpo", beta=0.04, importance_sampling_level="sequence"),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.2),
+    "cispo_5": dict(loss_type="cispo", epsilon_high=5.0, beta=0.02),
+    "sapo": dict(loss_type="sapo"),
+    "sapo_temps": dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=0.5, temperature=0.8),
+    "top_entropy_quantile": dict(loss_type="grpo", top_entropy_quantile=0.2),
+    "top_entropy_quantile_entropy": dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.02),
+    "off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.05, _sampling=True),
+    "off_policy_mask_old": dict(loss_type="bnpo", off_policy_mask_threshold=0.0),
+    "entropy_grpo": dict(loss_type="grpo", entropy_coef=0.01),
+    "entropy_dr_grpo": dict(loss_type="dr_grpo", entropy_coef=0.05),
+    "entropy_cispo": dict(loss_type="cispo", epsilon_high=5.0, entropy_coef=0.01),
+    "everything_sapo": dict(loss_type="sapo", beta=0.04, top_entropy_quantile=0.4, off_policy_mask_threshold=0.02,
+                            entropy_coef=0.01, temperature=0.9, _sampling=True),
+    "everything_grpo": dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, delta=1.3, top_entropy_quantile=0.4,
+                            off_policy_mask_threshold=0.02, entropy_coef=0.01, _sampling=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_and_gradients_match_trl(parts, name):
+    case = dict(CASES[name])
+    on_policy = case.pop("_on_policy", False)
+    use_sampling = case.pop("_sampling", False)
+    trainer = _trainer(parts, case)
+    model = trainer.model
+    temperature = case.get("temperature", 1.0)
+    mask = parts["completion_mask"]
+
+    with torch.no_grad():
+        logp = grpo_fast.selective_log_softmax(_logits(model, parts), parts["completion_ids"], temperature)
+    noise = parts["noise"]
+    old = None if on_policy else (logp + 0.3 * noise[0]) * mask  # padding holds 0 as TRL's does
+    ref = (logp + 0.3 * noise[1]) * mask
+    # per-sequence shifts so the off-policy mask drops some negative-advantage sequences, not all
+    shift = torch.tensor([0.3, 0.3, -0.2, 0.01, 0.5, 0.2])[:, None]
+    sampling = ((logp + shift + 0.05 * noise[2]) * mask) if use_sampling else None
+    num_items = mask.sum().float()
+
+    inputs = dict(prompt_ids=parts["prompt_ids"], prompt_mask=torch.ones_like(parts["prompt_ids"]),
+                  completion_ids=parts["completion_ids"], completion_mask=mask,
+                  advantages=parts["advantages"], num_items_in_batch=num_items)
+    if old is not None:
+        inputs["old_per_token_logps"] = old
+    if trainer.beta != 0.0:
+        inputs["ref_per_token_logps"] = ref
+    if sampling is not None:
+        inputs["sampling_per_token_logps"] = sampling
+
+    model.zero_grad(set_to_none=True)
+    trl_loss = trainer._compute_loss(model, inputs)
+    trl_loss.backward()
+    trl_grads = _grads(model)
+
+    ours_kw = {k: v for k, v in case.items() if k not in ("epsilon",)}
+    ours_kw["epsilon_low"] = case.get("epsilon", 0.2)
+    model.zero_grad(set_to_none=True)
+    out = grpo_fast.policy_loss(
+        _logits(model, parts), parts["completion_ids"], parts["advantages"], mask, old,
+        ref if case.get("beta", 0.0) != 0.0 else None, max_completion_length=T, num_items_in_batch=num_items,
+        sampling_logps=sampling, **ours_kw)
+    out.loss.backward()
+    our_grads = _grads(model)
+
+    assert abs(out.loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), \
+        (name, out.loss.item(), trl_loss.item())
+    assert set(our_grads) == set(trl_grads)
+    largest = max(g.abs().max().item() for g in trl_grads.values())
+    assert largest > 0
+    for pname, g in trl_grads.items():
+        err = (our_grads[pname] - g).abs().max().item()
+        assert err <= 1e-4 * largest, (name, pname, err, largest)
+    # TRL's logged metrics, where we have the same one
+    logged = trainer._metrics["train"]
+    assert abs(out.entropy.item() - logged["entropy"][-1]) <= 1e-5 * max(1.0, logged["entropy"][-1])
+    if case.get("beta", 0.0) != 0.0:
+        assert abs(out.kl.item() - logged["kl"][-1]) <= 1e-5 * max(1.0, abs(logged["kl"][-1]))
+    if case["loss_type"] == "cispo":
+        assert abs(out.cispo_clip_ratio.item() - logged["cispo_clip_ratio"][-1]) <= 1e-6
+    elif case["loss_type"] != "sapo":
+        for ours, theirs in (("clip_ratio_low", "clip_ratio/low_mean"), ("clip_ratio_high", "clip_ratio/high_mean"),
+                             ("clip_ratio_region", "clip_ratio/region_mean")):
+            if case.get("delta") is None:  # TRL counts the delta-capped ratio in its clip metrics
+                assert abs(getattr(out, ours).item() - logged[theirs][-1]) <= 1e-6, (ours, name)
+
+
+def test_the_cases_exercise_what_they_name(parts):
+    """The inputs make each option bite: some tokens clipped by the cispo cap, some sequences
+    dropped by the off-policy mask (but not all), some tokens left out by the entropy quantile."""
+    model = parts["model"]
+    mask = parts["completion_mask"]
+    with torch.no_grad():
+        logits = _logits(model, parts)
+        logp = grpo_fast.selective_log_softmax(logits, parts["completion_ids"])
+    old = (logp + 0.3 * parts["noise"][0]) * mask
+    shift = torch.tensor([0.3, 0.3, -0.2, 0.01, 0.5, 0.2])[:, None]
+    sampling = (logp + shift + 0.05 * parts["noise"][2]) * mask
+    adv = parts["advantages"]
+    c = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, loss_type="cispo", epsilon_high=1.2)
+    assert 0 < c.cispo_clip_ratio.item() < 1
+    o = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, off_policy_mask_threshold=0.05,
+                              sampling_logps=sampling)
+    assert 0 < o.off_policy_masked_frac.item() < 1
+    q = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, top_entropy_quantile=0.2)
+    assert 0.5 < q.entropy_masked_frac.item() < 1
+    r = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, epsilon_high=0.28, delta=1.2)
+    assert r.clip_ratio_region.item() > 0
