@@ -1,6 +1,14 @@
 """grpo_fast: fast, exact GRPO / PPO / TRPO for Hugging Face causal language models.
 
-Functional API (see DESIGN.md):
+Layers, lowest first (docs/design.md); imports only run down:
+    grpo_fast._C, grpo_fast.kernels   C++ core, Triton kernels
+    grpo_fast.ops                     the functional API below
+    grpo_fast.rl                      tensor-only RL maths shared by trainers
+    grpo_fast.rewards                 rule rewards and reward models
+    grpo_fast.trainer                 the trainers
+    grpo_fast.demo, grpo_fast.cli     the built-in task and the command line
+
+Functional API:
     selective_log_softmax, policy_loss, PolicyLossOutput  -- logits -> log-probs / losses
     group_advantages, gae                                 -- C++ core (CPU and CUDA)
 Trainers:
@@ -20,14 +28,16 @@ _LAZY = {
     "selective_log_softmax": "grpo_fast.ops.functional",
     "policy_loss": "grpo_fast.ops.functional",
     "PolicyLossOutput": "grpo_fast.ops.functional",
+    "selective_log_softmax_from_hidden": "grpo_fast.ops.fused_head",
+    "policy_loss_from_hidden": "grpo_fast.ops.fused_head",
     "group_advantages": "grpo_fast.ops.advantages",
     "gae": "grpo_fast.ops.advantages",
     "GRPOConfig": "grpo_fast.trainer",
     "GRPOTrainer": "grpo_fast.trainer",
-    "PPOConfig": "grpo_fast.ppo",
-    "PPOTrainer": "grpo_fast.ppo",
-    "TRPOConfig": "grpo_fast.trpo",
-    "TRPOTrainer": "grpo_fast.trpo",
+    "PPOConfig": "grpo_fast.trainer",
+    "PPOTrainer": "grpo_fast.trainer",
+    "TRPOConfig": "grpo_fast.trainer",
+    "TRPOTrainer": "grpo_fast.trainer",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
