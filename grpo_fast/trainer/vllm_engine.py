@@ -73,6 +73,7 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.3      # TRL vllm_gpu_memory_utilization (GPU; ignored when kv_cache_gib is set)
     kv_cache_gib: Optional[float] = None     # KV-cache size in GiB; on CPU None sizes it from max_num_seqs x max_model_len
     max_num_seqs: int = 256                  # sequences vLLM schedules at once
+    block_size: Optional[int] = None         # KV-cache block (tokens); None: vLLM's default (a multiple of 32 on CPU)
     enable_sleep_mode: bool = False          # TRL vllm_enable_sleep_mode (GPU only: frees the KV cache during the update)
     enable_prefix_caching: bool = True       # G samples of one prompt share its KV blocks
     enforce_eager: Optional[bool] = None     # None: True on CPU (no torch.compile start-up), False on GPU (CUDA graphs)
@@ -224,6 +225,8 @@ def llm_kwargs(model_path: str, options: VLLMOptions) -> Dict[str, Any]:
     )
     if max_len:
         kw["max_model_len"] = int(max_len)
+    if options.block_size:
+        kw["block_size"] = int(options.block_size)
     if options.enable_sleep_mode and not cpu:
         kw["enable_sleep_mode"] = True
     if cpu:

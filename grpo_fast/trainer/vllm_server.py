@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
                    help="KV-cache size in GiB (CPU default: sized from max-num-seqs x max-model-len)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--block-size", type=int, default=d.block_size, help="KV-cache block size in tokens")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--logprobs-mode", default=d.logprobs_mode,
                    choices=["processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits"])
@@ -148,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import_vllm()
     options = VLLMOptions(dtype=args.dtype, max_model_len=args.max_model_len,
                           gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
-                          max_num_seqs=args.max_num_seqs, seed=args.seed, logprobs_mode=args.logprobs_mode,
+                          max_num_seqs=args.max_num_seqs, block_size=args.block_size, seed=args.seed, logprobs_mode=args.logprobs_mode,
                           enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching,
                           num_threads=args.num_threads)
     if args.num_threads:
