@@ -109,5 +109,7 @@ def ref_policy_loss(
         "cispo_clip_ratio": mmean((rho > eh) & (A > 0)) if loss_type == "cispo" else None,
         "entropy_masked_frac": mmean(~high) if top_entropy_quantile < 1.0 else None,
         "off_policy_masked_frac": mmean(~keep) if off_policy_mask_threshold is not None else None,
+        "entropy_kept": ((ent.detach() * high).sum() / high.sum().clamp(min=1)
+                         if top_entropy_quantile < 1.0 else None),
     }
     return loss, metrics

@@ -26,7 +26,7 @@ def _shape(backend):
     return dict(T=37, V=1000) if backend == "torch" else dict(T=6, V=129)
 
 
-NEW_METRICS = ("cispo_clip_ratio", "entropy_masked_frac", "off_policy_masked_frac")
+NEW_METRICS = ("cispo_clip_ratio", "entropy_masked_frac", "off_policy_masked_frac", "entropy_kept")
 
 
 def check(inp, *, use_old=True, use_ref=True, sampling=None, extra_entropies=None, gather=None, **opts):
@@ -106,8 +106,8 @@ def test_sapo(device, backend, level, temps, per_token_adv):
 
 
 def test_sapo_on_policy_gradient_equals_grpo():
-    """At rho = 1 the gate has value 4/tau * sigmoid(0) = 1/tau... times tau/4 slope: its gradient
-    is that of rho * A, the same as grpo's, whatever the temperatures."""
+    """d/drho of the gate (4 / tau) * sigmoid(tau * (rho - 1)) is 4 * s * (1 - s), which is 1 at
+    rho = 1 (s = 1/2): on-policy its gradient is that of rho * A, grpo's, whatever the temperatures."""
     inp = sample_inputs("cpu", B=3, T=9, V=50, seed=22)
     grads = []
     for lt, extra in (("grpo", {}), ("sapo", dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.7))):
@@ -318,7 +318,7 @@ def test_no_tokens_gives_zero_loss_and_zero_gradient(device, backend, B, T, stri
         assert out.loss.item() == 0.0
         assert full.grad is not None and full.grad.shape == full.shape and (full.grad == 0).all()
         for name in ("entropy", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
-                     "entropy_masked_frac", "off_policy_masked_frac"):
+                     "entropy_masked_frac", "off_policy_masked_frac", "entropy_kept"):
             assert getattr(out, name).item() == 0.0, name
         full.grad = None
     lp, ent = grpo_fast.selective_log_softmax(logits, ids, return_entropy=True)

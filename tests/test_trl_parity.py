@@ -114,6 +114,10 @@ CASES = {
     "entropy_grpo": dict(loss_type="grpo", entropy_coef=0.01),
     "entropy_dr_grpo": dict(loss_type="dr_grpo", entropy_coef=0.05),
     "entropy_cispo": dict(loss_type="cispo", epsilon_high=5.0, entropy_coef=0.01),
+    # adaptive entropy control (trainer state): TRL applies the coefficient only while the last
+    # step's entropy is <= entropy_target; here its state says so, and ours gets that coefficient
+    "adaptive_entropy": dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.03, entropy_target=4.0,
+                             top_entropy_quantile=0.5, _last_world_entropy=0.0),
     "everything_sapo": dict(loss_type="sapo", beta=0.04, top_entropy_quantile=0.4, off_policy_mask_threshold=0.02,
                             entropy_coef=0.01, temperature=0.9, _sampling=True),
     "everything_grpo": dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, delta=1.3, top_entropy_quantile=0.4,
@@ -126,7 +130,10 @@ def test_loss_and_gradients_match_trl(parts, name):
     case = dict(CASES[name])
     on_policy = case.pop("_on_policy", False)
     use_sampling = case.pop("_sampling", False)
+    last_world_entropy = case.pop("_last_world_entropy", None)
     trainer = _trainer(parts, case)
+    if last_world_entropy is not None:
+        trainer._last_world_entropy = last_world_entropy
     model = trainer.model
     temperature = case.get("temperature", 1.0)
     mask = parts["completion_mask"]
@@ -156,6 +163,7 @@ def test_loss_and_gradients_match_trl(parts, name):
     trl_loss.backward()
     trl_grads = _grads(model)
 
+    adaptive = {k: case.pop(k) for k in ("use_adaptive_entropy", "entropy_target") if k in case}
     ours_kw = {k: v for k, v in case.items() if k not in ("epsilon",)}
     ours_kw["epsilon_low"] = case.get("epsilon", 0.2)
     model.zero_grad(set_to_none=True)
@@ -174,6 +182,13 @@ def test_loss_and_gradients_match_trl(parts, name):
     for pname, g in trl_grads.items():
         err = (our_grads[pname] - g).abs().max().item()
         assert err <= 1e-4 * largest, (name, pname, err, largest)
+    if adaptive:
+        # TRL's update at the step boundary, as the trainer must do it from our outputs: the entropy
+        # over the kept tokens of the step, then coef +/- entropy_coef_delta within [min, max]
+        world = (out.entropy if out.entropy_kept is None else out.entropy_kept).item()
+        coef = case["entropy_coef"]
+        want = min(coef + 0.005, 1.0) if world <= adaptive["entropy_target"] else max(coef - 0.005, 0.0)
+        assert abs(trainer.entropy_coef - want) < 1e-12 and abs(trainer._last_world_entropy - world) < 1e-5
     # TRL's logged metrics, where we have the same one
     logged = trainer._metrics["train"]
     assert abs(out.entropy.item() - logged["entropy"][-1]) <= 1e-5 * max(1.0, logged["entropy"][-1])

@@ -34,6 +34,9 @@ class PolicyLossOutput(NamedTuple):
     cispo_clip_ratio: Optional[Tensor] = None  # cispo: fraction with rho > epsilon_high and A > 0 (TRL's metric)
     entropy_masked_frac: Optional[Tensor] = None  # top_entropy_quantile < 1: fraction left out of the policy term
     off_policy_masked_frac: Optional[Tensor] = None  # off_policy_mask_threshold: fraction in dropped sequences
+    # top_entropy_quantile < 1: mean entropy over the tokens kept (those the entropy bonus averages and
+    # TRL's adaptive entropy control tracks); `entropy` otherwise
+    entropy_kept: Optional[Tensor] = None
 
 
 # ---------------------------------------------------------------- validation
@@ -370,6 +373,8 @@ def _policy_loss_from_logps(
             entropy_masked_frac=None if high_h is None else _masked_mean((~high_h).to(f32), m, count),
             off_policy_masked_frac=(None if keep_seq is None
                                     else _masked_mean((~keep_seq).expand(B, T).to(f32), m, count)),
+            entropy_kept=(None if high_h is None else
+                          _masked_mean(entropy.detach(), high_h, high_h.to(f32).sum().clamp(min=1.0))),
         )
     return out
 
@@ -440,7 +445,8 @@ def policy_loss(
 
     Returns:
         PolicyLossOutput(loss, logps, kl, entropy, clip_ratio_low, clip_ratio_high,
-        clip_ratio_region, cispo_clip_ratio, entropy_masked_frac, off_policy_masked_frac):
+        clip_ratio_region, cispo_clip_ratio, entropy_masked_frac, off_policy_masked_frac,
+        entropy_kept):
         ``loss`` is differentiable w.r.t. the logits, the rest detached. Means over zero
         tokens (T == 0, or an all-zero mask) are 0.
 
