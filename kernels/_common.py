@@ -168,3 +168,79 @@ def rows_aligned(*tensors: torch.Tensor) -> bool:
         if any(x.size(d) > 1 and x.stride(d) % ALIGN_ELEMENTS != 0 for d in (0, 1)):
             return False
     return True
+
+
+# ---------------------------------------------------------------------------
+# the fused LM head (linear_logprobs.py): tiles of BLOCK_N tokens x BLOCK_V vocabulary
+
+
+@triton.jit
+def online_lse_update_rows(z, m, s, sz, HAS_ENTROPY: tl.constexpr):
+    """online_lse_update for a (BLOCK_N, BLOCK_V) tile: folds each row of z into its own
+    running state, m, s, sz being (BLOCK_N,) vectors. Same numerics, row by row."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - ref)
+    d = z - ref[:, None]
+    e = tl.exp(d)
+    if HAS_ENTROPY:
+        shift = (tl.where(s > 0.0, m, ref) - ref) * s
+        sz = alpha * (sz + shift) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, sz
+
+
+@triton.jit
+def head_transform(y, logit_scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(y * logit_scale) * inv_temperature, softcap(x) = c * tanh(x / c); also returns
+    t = tanh(y * logit_scale / c) (the soft-cap's derivative is 1 - t^2; 0 without a soft-cap)."""
+    u = y * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(x) = 2 sigmoid(2x) - 1 (no tanh in triton.language)
+        t = 2.0 * tl.sigmoid(2.0 * u / softcap) - 1.0
+        z = softcap * t * inv_temperature
+    else:
+        t = 0.0 * u
+        z = u * inv_temperature
+    return z, t
+
+
+@dataclass(frozen=True)
+class LinearLaunchConfig:
+    BLOCK_N: int  # tokens per tile
+    BLOCK_V: int  # vocabulary entries per tile
+    BLOCK_K: int  # hidden units per tl.dot step
+    num_warps: int
+    num_stages: int
+
+
+_LINEAR_ENV_OVERRIDE = "GRPO_FAST_LINEAR_KERNEL_CONFIG"
+
+
+def linear_launch_config(N: int, V: int, H: int, dtype: torch.dtype) -> LinearLaunchConfig:
+    """Launch settings of the fused LM-head kernels (kernels/linear_logprobs.py).
+
+    The tile lives in registers: BLOCK_N x BLOCK_V float32 accumulators, filled by tl.dot
+    over H in BLOCK_K steps. Defaults in the range Cut Cross-Entropy and the Triton matmul
+    tutorial use on A100/H100 (64-128 x 128-256 tiles, K steps of 32-64); NOT tuned here:
+    no GPU has run them yet. tl.dot needs every block dimension >= 16, so small problems
+    get 16 (the interpreter tests run such shapes).
+    Override with GRPO_FAST_LINEAR_KERNEL_CONFIG="BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages".
+    """
+    override = os.environ.get(_LINEAR_ENV_OVERRIDE, "").strip()
+    if override:
+        try:
+            bn, bv, bk, nw, ns = (int(x) for x in override.split(","))
+        except ValueError:
+            raise ValueError(
+                f"{_LINEAR_ENV_OVERRIDE}={override!r}: expected 'BLOCK_N,BLOCK_V,BLOCK_K,num_warps,num_stages'"
+            ) from None
+        for name, b in (("BLOCK_N", bn), ("BLOCK_V", bv), ("BLOCK_K", bk)):
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"{_LINEAR_ENV_OVERRIDE}: {name}={b} must be a power of two >= 16")
+        return LinearLaunchConfig(bn, bv, bk, nw, ns)
+    half = dtype in (torch.bfloat16, torch.float16)
+    bn = min(64, max(16, triton.next_power_of_2(N)))
+    bv = min(128 if half else 64, max(16, triton.next_power_of_2(V)))
+    bk = min(64 if half else 32, max(16, triton.next_power_of_2(H)))
+    return LinearLaunchConfig(bn, bv, bk, num_warps=4 if bn * bv <= 4096 else 8, num_stages=3 if half else 2)
