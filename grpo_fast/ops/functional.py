@@ -1,6 +1,6 @@
 """The public functional API over logits: `selective_log_softmax` and `policy_loss`.
 
-Every call is two phases (DESIGN.md, "The maths"):
+Every call is two phases (docs/design.md, "The maths"):
   1. the logits passes (custom op grpo_fast::token_logprobs): per token logp, lse and
      entropy, by the Triton kernels on CUDA or the chunked PyTorch path elsewhere;
   2. the loss from those (B, T) numbers, written once below in plain torch. Autograd
@@ -239,13 +239,14 @@ def _entropy_threshold(entropy: Tensor, m: Tensor, q: float, gather=None) -> Ten
     ordered = torch.where(valid, vals, float("inf")).sort().values  # the masked tokens first, ascending
     if ordered.numel() == 0:
         return torch.full((), float("inf"), dtype=entropy.dtype, device=entropy.device)
-    pos = q * (n - 1).clamp(min=0).to(entropy.dtype)
+    pos = q * (n - 1).clamp(min=0).to(torch.float64)  # float64: exact indices past 2**24 tokens
     lo = pos.floor().long()
     hi = pos.ceil().long()
-    a, b = ordered[lo], ordered[hi]
+    # index_select, not ordered[lo]: a 0-dim index tensor would be read back to the host
+    a, b = ordered.index_select(0, lo.reshape(1))[0], ordered.index_select(0, hi.reshape(1))[0]
+    frac = (pos - lo.to(torch.float64)).to(ordered.dtype)
     # lerp(inf, inf, w) is NaN: the empty case is inf by definition
-    thr = torch.where(n > 0, torch.where(lo == hi, a, torch.lerp(a, b, pos - lo.to(pos.dtype))), float("inf"))
-    return thr
+    return torch.where(n > 0, torch.where(lo == hi, a, torch.lerp(a, b, frac)), float("inf"))
 
 
 def _policy_loss_from_logps(
