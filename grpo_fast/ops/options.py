@@ -47,7 +47,9 @@ def _check_positive_tensor(name: str, n) -> None:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Everything about the loss that is not a tensor. Field meanings follow TRL."""
+    """Everything about the loss beyond phase 2's positional (B, T) inputs. Field meanings and
+    defaults follow TRL 1.16's GRPOConfig where it has the field (docs/losses.md). Two fields may
+    hold tensors: num_items_in_batch (a scalar) and sampling_logps (B, T)."""
 
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (docs/losses.md)
     beta: float = 0.0  # KL coefficient (needs ref_logps when != 0)
@@ -66,7 +68,7 @@ class LossOptions:
     sapo_temperature_neg: float = 1.05  # sapo gate temperature for tokens with A <= 0
     top_entropy_quantile: float = 1.0  # policy term on the top-q entropy tokens only (1.0 = all)
     use_bias_correction_kl: bool = True  # KL term times the importance ratio (DeepSeek-V3.2, TRL default)
-    off_policy_mask_threshold: Optional[float] = None  # drop A < 0 sequences whose mean KL(old||pi) > this
+    off_policy_mask_threshold: Optional[float] = None  # drop A < 0 sequences whose mean KL(sampling||pi) > this
     # per-token log-probs of the sampling engine (B, T), for off_policy_mask_threshold; old_logps when None
     sampling_logps: Optional[Any] = field(default=None, compare=False)
     # under torch.distributed: maps this rank's (B*T,) entropies, NaN at masked tokens, to the concatenation
