@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
@@ -31,8 +33,6 @@ def _check_number(name: str, value, *, low=None, low_open=False, allow_none=Fals
 def _check_positive_tensor(name: str, n) -> None:
     """A one-element tensor must be finite and > 0. On CUDA reading it back would stall the host
     on every call, so the check is a device-side assert there (it fails the next synchronising call)."""
-    import torch
-
     if n.dtype == torch.bool or n.dtype.is_complex:
         raise TypeError(f"{name} must be a real number tensor, got {n.dtype}")
     if torch.compiler.is_compiling():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import random
@@ -36,7 +37,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from .engine import Generation, RolloutEngine, SamplingSettings
 
@@ -164,8 +167,6 @@ def save_policy(model: torch.nn.Module, tokenizer, path: str) -> str:
 def write_safetensors(model: torch.nn.Module, directory: str) -> str:
     """Write the policy's weights to `directory`/model.safetensors atomically: into a temporary
     sibling first, then one rename, so a reader sees the old version or the whole new one."""
-    from safetensors.torch import save_file
-
     os.makedirs(os.path.dirname(os.path.abspath(directory)) or ".", exist_ok=True)
     tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
@@ -255,7 +256,6 @@ def _preserved_process_state():
     rng = torch.random.get_rng_state()
     py_rng = random.getstate()
     try:
-        import numpy as np
         np_rng = np.random.get_state()
     except ImportError:  # pragma: no cover
         np, np_rng = None, None
@@ -408,7 +408,6 @@ class VLLMColocateEngine(RolloutEngine):
                     destroy_distributed_environment()
                 if torch.distributed.is_initialized():
                     torch.distributed.destroy_process_group()
-            import gc
             gc.collect()
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
 
