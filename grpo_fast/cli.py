@@ -13,7 +13,9 @@ command-line values override the YAML file, which overrides the defaults.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -21,11 +23,18 @@ import time
 import typing
 from typing import Any, Dict, List, Optional
 
-# algorithm -> (module, config class, trainer class); PPO / TRPO live in their own modules
+import torch.distributed as dist
+import yaml
+
+from . import demo, rewards
+from .trainer import ConfigError, RewardFunctionError
+from .trainer.plot import plot_run
+
+# algorithm -> (module, config class, trainer class)
 ALGORITHMS = {
     "grpo": ("grpo_fast.trainer", "GRPOConfig", "GRPOTrainer"),
-    "ppo": ("grpo_fast.ppo", "PPOConfig", "PPOTrainer"),
-    "trpo": ("grpo_fast.trpo", "TRPOConfig", "TRPOTrainer"),
+    "ppo": ("grpo_fast.trainer", "PPOConfig", "PPOTrainer"),
+    "trpo": ("grpo_fast.trainer", "TRPOConfig", "TRPOTrainer"),
 }
 
 BUILTIN_REWARDS = {
@@ -54,8 +63,6 @@ def load_algorithm(name: str):
 
 
 def _field_parser(config_cls) -> argparse.ArgumentParser:
-    from .trainer.config import RLConfig  # noqa: F401  (config classes share the RLConfig helpers)
-
     p = argparse.ArgumentParser(prog="grpo-fast train", add_help=False, argument_default=argparse.SUPPRESS)
     docs = config_cls.field_help()
     hints = typing.get_type_hints(config_cls)
@@ -86,8 +93,6 @@ def parse_train_args(argv: List[str]):
     known, rest = pre.parse_known_args(argv)
     values: Dict[str, Any] = {}
     if known.config:
-        import yaml
-
         with open(known.config) as fh:
             values = yaml.safe_load(fh) or {}
         if not isinstance(values, dict):
@@ -105,8 +110,6 @@ def parse_train_args(argv: List[str]):
         raise SystemExit(0)
     ns, unknown = fields.parse_known_args(rest)
     if unknown:
-        import difflib
-
         bad = [u for u in unknown if u.startswith("--")] or unknown
         hints = []
         for u in bad:
@@ -133,8 +136,6 @@ def _load_dataset(path: str):
 
 
 def _load_reward(spec: str):
-    from . import rewards
-
     if spec in BUILTIN_REWARDS:
         return getattr(rewards, BUILTIN_REWARDS[spec])
     if os.path.isdir(spec):
@@ -142,8 +143,6 @@ def _load_reward(spec: str):
     if ":" in spec:
         module, attr = spec.split(":", 1)
         if module.endswith(".py"):
-            import importlib.util
-
             s = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], module)
             mod = importlib.util.module_from_spec(s)
             s.loader.exec_module(mod)
@@ -161,8 +160,6 @@ def _is_rank0() -> bool:
 
 def _end_process_group() -> None:
     """torchrun runs: leave the process group cleanly (the trainer joined it from the environment)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -176,12 +173,8 @@ def cmd_train(argv: List[str]) -> int:
 
 
 def _train(argv: List[str]) -> int:
-    from .trainer.config import ConfigError
-
     algorithm, config_cls, trainer_cls, values = parse_train_args(argv)
     if values.get("model_name_or_path") is None:
-        from . import demo
-
         defaults = {k: v for k, v in demo.demo_config_defaults().items() if k in config_cls.field_names()}
         defaults.update(values)
         config = config_cls.from_dict(defaults, source="command line")
@@ -214,8 +207,6 @@ def cmd_plot(argv: List[str]) -> int:
     a = p.parse_args(argv)
     if not os.path.isfile(os.path.join(a.run_dir, "metrics.jsonl")):
         raise CLIError(f"{a.run_dir}: no metrics.jsonl there")
-    from .plot import plot_run
-
     paths = plot_run(a.run_dir, a.out)
     print(f"[grpo-fast] wrote {len(paths)} plots to {os.path.dirname(paths[0]) if paths else a.out}")
     return 0
@@ -231,9 +222,6 @@ USAGE = """usage: grpo-fast {train,plot} ...
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .trainer.base import RewardFunctionError
-    from .trainer.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]

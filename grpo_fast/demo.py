@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .rewards import accuracy_reward
+from .trainer import GRPOConfig, GRPOTrainer
 
 # printable ASCII; anything else maps to <unk>
 _SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -32,9 +38,6 @@ def build_tokenizer():
 
     No BOS is added to plain text (prompts are tokenized as TRL does, without special tokens).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + _CHARS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -49,8 +52,6 @@ def build_tokenizer():
 
 def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
     """A tiny Llama (about 70k parameters at the defaults) from a config, randomly initialised."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
@@ -137,8 +138,6 @@ def demo_config_defaults() -> Dict[str, Any]:
 
 def accuracy(model, tokenizer, data, *, max_new_tokens: int = 4) -> float:
     """Greedy accuracy on `data` (used by the summary)."""
-    from .rewards import accuracy_reward
-
     enc = tokenizer([r["prompt"] for r in data], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -151,8 +150,6 @@ def accuracy(model, tokenizer, data, *, max_new_tokens: int = 4) -> float:
 def build_demo(seed: int = 0, *, warmup_steps: int = 60, teacher_accuracy: float = 1.0,
                verbose: bool = True) -> Dict[str, Any]:
     """Tokenizer, warmed-up tiny model, dataset and reward function of the built-in task."""
-    from .rewards import accuracy_reward
-
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
     data = addition_dataset()
@@ -166,10 +163,6 @@ def build_demo(seed: int = 0, *, warmup_steps: int = 60, teacher_accuracy: float
 
 def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cls=None):
     """Warm up, train (GRPO unless another trainer class is given), plot, print a summary; returns the history."""
-    import time
-
-    from .trainer import GRPOConfig, GRPOTrainer
-
     trainer_cls = trainer_cls or GRPOTrainer
     if config is None:
         values = demo_config_defaults()
@@ -177,16 +170,20 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
         config = GRPOConfig(**values)
     # The model is tiny: a second intra-op thread buys little, and on a busy shared machine two
     # spinning OpenMP threads per process can make every step 10-50x slower. One thread is also
-    # what makes the run reproducible from machine to machine. GRPO_FAST_DEMO_THREADS overrides.
+    # what makes the run reproducible from machine to machine. GRPO_FAST_DEMO_THREADS overrides;
+    # the caller's thread count is restored afterwards.
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("GRPO_FAST_DEMO_THREADS", "1")))
-    t0 = time.perf_counter()
-    torch.manual_seed(config.seed)
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-    parts = build_demo(config.seed, verbose=rank0)
-    trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"],
-                          config=config, tokenizer=parts["tokenizer"])
-    history = trainer.train()
-    elapsed = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+        parts = build_demo(config.seed, verbose=rank0)
+        trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"],
+                              config=config, tokenizer=parts["tokenizer"])
+        history = trainer.train()
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads_before)
     rewards = [h["reward"] for h in history if "reward" in h]
     if not rank0:
         return history

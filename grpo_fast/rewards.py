@@ -23,6 +23,9 @@ import re
 from fractions import Fraction
 from typing import Any, List, Optional, Sequence
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 __all__ = [
     "accuracy_reward", "format_reward", "boxed_format_reward", "make_format_reward",
     "extract_boxed", "extract_final_number", "extract_answer", "parse_number", "answers_match",
@@ -180,8 +183,6 @@ class RewardModel:
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 32, max_length: Optional[int] = None):
         if isinstance(model, str):
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
             path = model
             model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -208,8 +209,6 @@ class RewardModel:
         return _text(prompt) + _text(completion)
 
     def __call__(self, prompts, completions, completion_ids=None, **columns) -> List[float]:
-        import torch
-
         texts = [self._render(p, c) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         scores: List[float] = []

@@ -1,4 +1,4 @@
-"""A plain float64 reference of DESIGN.md's maths, written from the formulas and
+"""A plain float64 reference of the maths in docs/design.md, written from the formulas and
 independent of the library (no chunking, no custom ops, TRL-style tensors)."""
 from __future__ import annotations
 

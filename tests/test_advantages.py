@@ -293,7 +293,7 @@ def test_has_cuda_is_a_bool():
 
 
 def test_default_scale_follows_the_estimator():
-    """scale=None: grpo divides by the group std, rloo is plain leave-one-out (DESIGN.md)."""
+    """scale=None: grpo divides by the group std, rloo is plain leave-one-out (docs/design.md)."""
     r = torch.tensor([1.0, 2.0, 4.0, 0.0, 0.0, 3.0])
     loo = group_advantages(r, 3, estimator="rloo")
     want = [1.0 - 3.0, 2.0 - 2.5, 4.0 - 1.5, 0.0 - 1.5, 0.0 - 1.5, 3.0 - 0.0]

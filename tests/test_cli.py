@@ -12,16 +12,6 @@ from grpo_fast.trainer import GRPOConfig
 FAST = ["--disable_tqdm", "--report_to", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_yaml_then_command_line_overrides(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("algorithm: grpo\nlearning_rate: 3e-6\nmax_steps: 5\nseed: 1\nreward_weights: [1, 2]\n")

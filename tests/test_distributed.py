@@ -53,7 +53,7 @@ def make_config(out, **kw):
 
 def fixed_trainer_class(base=None):
     from grpo_fast.trainer import GRPOTrainer
-    from grpo_fast.trainer.base import Rollout
+    from grpo_fast.trainer.rollout import Rollout
 
     class FixedRolloutTrainer(base or GRPOTrainer):
         """rollout() without sampling: completion (i, g) comes from its own seed."""
@@ -88,7 +88,7 @@ def fixed_trainer_class(base=None):
                            columns={"answer": [r["answer"] for r in rows for _ in range(G)]},
                            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                            completion_mask=completion_mask, truncated=torch.tensor(trunc), group_size=G,
-                           extras={"completion_ids_list": ids_list})
+                           completion_ids_list=ids_list)
 
     return FixedRolloutTrainer
 
@@ -114,7 +114,7 @@ def one_step(out_dir, loss_type, scale, **kw):
 
 def ppo_step(out_dir):
     """PPO (critic, KL-in-reward, whitening) for 2 epochs over one fixed rollout: policy and critic weights."""
-    from grpo_fast.ppo import PPOConfig, PPOTrainer
+    from grpo_fast.trainer.ppo import PPOConfig, PPOTrainer
 
     tok, model, data = parts()
     cfg = PPOConfig(output_dir=out_dir, learning_rate=1e-2, lr_scheduler_type="constant", max_steps=1,
@@ -126,7 +126,7 @@ def ppo_step(out_dir):
                     report_to="none")
     trainer = fixed_trainer_class(PPOTrainer)(model, [char_reward], data, config=cfg, tokenizer=tok)
     history = trainer.train()
-    critic = {f"critic.{k}": v.detach().clone() for k, v in trainer.value_model.state_dict().items()}
+    critic = {f"critic.{k}": v.detach().clone() for k, v in trainer.critic.model.state_dict().items()}
     return history[0], {**model_params(trainer), **critic}
 
 
@@ -136,7 +136,7 @@ TRPO_KEYS = ("kl", "step_accepted", "line_search_steps", "surrogate_gain", "expe
 
 def trpo_one_step(out_dir, estimator, **kw):
     """One TRPO step over one fixed rollout: metrics and weights (policy, and critic with gae)."""
-    from grpo_fast.trpo import TRPOConfig, TRPOTrainer
+    from grpo_fast.trainer.trpo import TRPOConfig, TRPOTrainer
 
     tok, model, data = parts()
     values = dict(output_dir=out_dir, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4,
@@ -152,8 +152,8 @@ def trpo_one_step(out_dir, estimator, **kw):
                                                tokenizer=tok)
     history = trainer.train()
     params = model_params(trainer)
-    if trainer.value_model is not None:
-        params.update({f"critic.{k}": v.detach().clone() for k, v in trainer.value_model.state_dict().items()})
+    if trainer.critic is not None:
+        params.update({f"critic.{k}": v.detach().clone() for k, v in trainer.critic.model.state_dict().items()})
     return history[0], params
 
 
@@ -251,14 +251,6 @@ def launch(args, timeout=240, module=False):
     return output
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _assert_params_close(got, want, tol=1e-5):
     assert got.keys() == want.keys()
     for k in want:
@@ -268,7 +260,7 @@ def _assert_params_close(got, want, tol=1e-5):
 
 # ----------------------------------------------------------------------------- tests
 def test_local_indices_cover_the_global_prompts_in_order():
-    from grpo_fast.distributed import DistContext
+    from grpo_fast.trainer.distributed import DistContext
     from grpo_fast.trainer.base import PromptSampler, RLTrainer
 
     glob = PromptSampler(100, seed=3).take(8)
@@ -347,7 +339,7 @@ def test_two_rank_checkpoint_resumes_exactly(tmp_path):
     launch([HERE, "resume-a", str(tmp_path)])
     for mode in ("ddp", "fsdp2"):
         ck = tmp_path / f"{mode}-a" / "checkpoint-2"
-        state = torch.load(ck / "trainer_state.pt", weights_only=False)
+        state = torch.load(ck / "trainer_state.pt", weights_only=True)
         assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
         # each rank sampled with its own generator
         assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_fast.natural_gradient import (
+from grpo_fast.rl.natural_gradient import (
     conjugate_gradient, fisher_vector_product, flat_grad, get_flat, set_flat, trpo_step,
 )
 

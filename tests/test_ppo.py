@@ -7,18 +7,19 @@ import pytest
 import torch
 
 from grpo_fast import demo
-from grpo_fast.ppo import (AdaptiveKLController, PPOConfig, PPOTrainer, masked_whiten, token_rewards)
+from grpo_fast.rl import AdaptiveKLController, masked_whiten, token_rewards
+from grpo_fast.trainer import PPOConfig, PPOTrainer
 from grpo_fast.rewards import accuracy_reward
 from grpo_fast.trainer import ConfigError
 from grpo_fast.trainer import checkpoint as ckpt
-from grpo_fast.value_model import ValueModel
+from grpo_fast.trainer.critic import ValueModel
 
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
 
-@pytest.fixture(scope="module")
-def parts():
-    return demo.build_demo(0, verbose=False)
+@pytest.fixture
+def parts(demo_parts):
+    return demo_parts
 
 
 def small_config(tmp_path, **kw):
@@ -37,8 +38,8 @@ def make_trainer(parts, config, **kw):
 
 def rollout(trainer, n=16):
     batch = trainer.rollout(list(range(n)))
-    trainer.compute_rewards(batch, 1)
-    trainer.compute_advantages(batch)
+    batch = trainer.compute_rewards(batch, 1)
+    batch = trainer.compute_advantages(batch)
     return batch
 
 
@@ -66,10 +67,10 @@ def test_gae_through_the_trainer_matches_a_python_loop(parts, tmp_path, share):
     trainer = make_trainer(parts, cfg)
     if share:
         with torch.no_grad():  # a non-zero head, so the values are not all 0
-            trainer.value_head.summary.weight.normal_(0, 0.3)
+            trainer.critic.head.summary.weight.normal_(0, 0.3)
     else:
         with torch.no_grad():
-            trainer.value_model.head.summary.weight.normal_(0, 0.3)
+            trainer.critic.model.head.summary.weight.normal_(0, 0.3)
     batch = rollout(trainer)
     mask = batch.completion_mask.bool()
     values = batch.extras["values"]
@@ -214,11 +215,11 @@ def test_resume_is_exact_and_critic_is_saved(parts, tmp_path):
     resumed = make_trainer(parts, cfg_b.replace(resume_from_checkpoint="latest"))
     assert _strip(resumed.train()) == _strip(full_hist)
     assert resumed.global_step == 3
-    for a, b in zip(full.value_model.parameters(), resumed.value_model.parameters()):
+    for a, b in zip(full.critic.model.parameters(), resumed.critic.model.parameters()):
         assert torch.equal(a, b)
     # the final critic loads back with the same weights
     critic = ValueModel.from_pretrained(os.path.join(cfg_b.output_dir, "final", "value_model"))
-    for a, b in zip(resumed.value_model.state_dict().values(), critic.state_dict().values()):
+    for a, b in zip(resumed.critic.model.state_dict().values(), critic.state_dict().values()):
         assert torch.equal(a, b)
 
 

@@ -15,19 +15,9 @@ from grpo_fast.rewards import accuracy_reward
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model needs no intra-op threads; one thread keeps these runs fast on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def parts():
-    """Tokenizer, warmed-up model (kept pristine: tests deep-copy it) and data."""
-    return demo.build_demo(0, verbose=False)
+@pytest.fixture
+def parts(demo_parts):
+    return demo_parts
 
 
 def small_config(tmp_path, **kw):
@@ -90,7 +80,7 @@ def test_policy_logits_match_generation(parts):
     scores = torch.stack(out.scores, 1)                                         # (B, T, V)
     cfg = GRPOConfig(disable_tqdm=True, report_to="none")
     trainer = GRPOTrainer(model, [accuracy_reward], parts["train_dataset"], config=cfg, tokenizer=tok)
-    from grpo_fast.trainer.base import Rollout
+    from grpo_fast.trainer.rollout import Rollout
 
     comp = out.sequences[:, enc["input_ids"].shape[1]:]
     batch = Rollout(prompts=[], completions=[], dataset_index=[], columns={}, prompt_ids=enc["input_ids"],
@@ -172,6 +162,59 @@ def test_killed_save_leaves_previous_checkpoint(parts, tmp_path, monkeypatch):
     assert again.global_step == 2
 
 
+# ----------------------------------------------------------------------------- random state
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_trainer_leaves_the_global_rng_alone(parts, tmp_path):
+    """Constructing and training neither reseeds nor advances the process's global generator."""
+    torch.manual_seed(987)
+    before = torch.get_rng_state()
+    trainer = make_trainer(parts, small_config(tmp_path, max_steps=2))
+    trainer.train()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_user_randomness_between_steps_does_not_change_training(parts, tmp_path):
+    """Draws from the global generator between steps (user code, callbacks) leave training unchanged."""
+    a = make_trainer(parts, small_config(tmp_path / "a", max_steps=3))
+    hist_a = a.train()
+
+    def noisy(trainer, metrics):
+        torch.rand(1000)
+        torch.manual_seed(metrics["step"])
+        return False
+
+    b = make_trainer(parts, small_config(tmp_path / "b", max_steps=3), callbacks=[noisy])
+    hist_b = b.train()
+    assert _strip(hist_a) == _strip(hist_b)
+    for x, y in zip(_params(a.model), _params(b.model)):
+        assert torch.equal(x, y)
+
+
+def test_checkpoint_state_is_weights_only_and_old_format_loads(parts, tmp_path):
+    """trainer_state.pt loads with weights_only=True; a checkpoint in the pre-0.2 format (numpy and
+    Python RNG states, global torch RNG) still resumes."""
+    import random
+
+    import numpy as np
+
+    cfg = small_config(tmp_path, max_steps=2, save_steps=1)
+    make_trainer(parts, cfg).train()
+    path = os.path.join(cfg.output_dir, "checkpoint-1")
+    state = torch.load(os.path.join(path, ckpt.STATE_FILE), weights_only=True)
+    assert set(state["rng"]) >= {"generator", "torch"}
+    # rewrite it as the previous release wrote it
+    state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": state["rng"]["torch"]}
+    torch.save(state, os.path.join(path, ckpt.STATE_FILE))
+    with pytest.raises(Exception):
+        torch.load(os.path.join(path, ckpt.STATE_FILE), weights_only=True)  # numpy inside: not plain
+    resumed = make_trainer(parts, cfg.replace(resume_from_checkpoint=path, output_dir=str(tmp_path / "r")))
+    resumed.load_checkpoint(path)
+    assert resumed.global_step == 1
+
+
 # ----------------------------------------------------------------------------- rewards
 def test_reward_function_error_names_function_and_sample(parts, tmp_path):
     def picky_reward(prompts, completions, completion_ids, **kw):
@@ -220,8 +263,8 @@ def test_trl_signature_extra_columns_and_none(parts, tmp_path):
 
     # None everywhere -> NaN reward -> advantage 0; partial None -> weighted sum of the rest
     batch = trainer.rollout([0, 1])
-    trainer.compute_rewards(batch, 1)
-    trainer.compute_advantages(batch)
+    batch = trainer.compute_rewards(batch, 1)
+    batch = trainer.compute_advantages(batch)
     nan_rows = torch.isnan(batch.rewards)
     assert torch.isnan(batch.rewards_per_func[:, 2]).all()
     assert (batch.advantages[nan_rows] == 0).all()
@@ -234,7 +277,7 @@ def test_reward_weights_sum(parts, tmp_path):
     cfg = small_config(tmp_path, reward_weights=[0.5, 3.0])
     trainer = make_trainer(parts, cfg, reward_funcs=[ones, twos])
     batch = trainer.rollout([0])
-    trainer.compute_rewards(batch, 1)
+    batch = trainer.compute_rewards(batch, 1)
     assert torch.allclose(batch.rewards, torch.full((4,), 6.5))
 
 

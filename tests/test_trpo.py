@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from grpo_fast import demo
-from grpo_fast.natural_gradient import fisher_vector_product, flat_grad, get_flat, set_flat
+from grpo_fast.rl.natural_gradient import fisher_vector_product, flat_grad, get_flat, set_flat
 from grpo_fast.rewards import accuracy_reward
 from grpo_fast.trainer import ConfigError
 from grpo_fast.trainer import checkpoint as ckpt
-from grpo_fast.trpo import TRPOConfig, TRPOTrainer
+from grpo_fast.trainer.trpo import TRPOConfig, TRPOTrainer
 
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
 
-@pytest.fixture(scope="module")
-def parts():
-    return demo.build_demo(0, verbose=False)
+@pytest.fixture
+def parts(demo_parts):
+    return demo_parts
 
 
 def small_config(tmp_path, **kw):
@@ -108,8 +108,8 @@ def test_fisher_vector_product_through_the_trainer_kl(parts, tmp_path):
     trainer = make_trainer(parts, small_config(tmp_path, per_device_train_batch_size=8, num_generations=4),
                            model=model)
     batch = trainer.rollout([3, 17])
-    trainer.compute_rewards(batch, 1)
-    trainer.compute_advantages(batch)
+    batch = trainer.compute_rewards(batch, 1)
+    batch = trainer.compute_advantages(batch)
     assert batch.extras["old_log_softmax"].dtype == torch.float64
     trainer.model.eval()
     params = trainer.trainable_parameters()
@@ -215,7 +215,7 @@ def test_resume_is_exact_with_a_critic(parts, tmp_path):
     assert _strip(resumed.train()) == _strip(full_hist)
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
-    for a, b in zip(full.value_model.parameters(), resumed.value_model.parameters()):
+    for a, b in zip(full.critic.model.parameters(), resumed.critic.model.parameters()):
         assert torch.equal(a, b)
     assert os.path.isfile(os.path.join(cfg_b.output_dir, "final", "value_model", "value_head.safetensors"))
 

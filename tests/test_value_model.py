@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from grpo_fast import demo
-from grpo_fast.ppo import critic_values, policy_forward
-from grpo_fast.trainer.base import Rollout
-from grpo_fast.value_model import ValueHead, ValueModel, build_value_model, hidden_size_of, trunk_of
+from grpo_fast.trainer.critic import critic_values
+from grpo_fast.trainer.policy import forward_hidden
+from grpo_fast.trainer.rollout import Rollout
+from grpo_fast.trainer.critic import ValueHead, ValueModel, build_value_model, hidden_size_of, trunk_of
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,10 @@ def test_shared_trunk_forward_gives_logits_and_hidden(policy, tok):
     batch = sample_batch(tok)
     head = ValueHead(hidden_size_of(policy.config))
     with torch.no_grad():
-        logits, hidden = policy_forward(policy, batch, slice(None), hidden=True)
-        logits_only, none = policy_forward(policy, batch, slice(None))
+        logits, hidden = forward_hidden(policy, batch, slice(None))
+        none, hidden_only = forward_hidden(policy, batch, slice(None), logits=False)
         assert none is None
-        torch.testing.assert_close(logits, logits_only)
+        torch.testing.assert_close(hidden, hidden_only)
         torch.testing.assert_close(policy.lm_head(hidden), logits, atol=1e-5, rtol=1e-5)
         assert head(hidden).shape == (3, 5)
 

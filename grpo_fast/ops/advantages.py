@@ -221,7 +221,7 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
             "batch" = std of all non-NaN rewards of the batch (the mean stays the
             group's, as TRL's scale_rewards="batch"), "none" = no division (Dr. GRPO).
             None (default) means "group" for grpo and "none" for rloo, so each
-            estimator's default is its textbook form (DESIGN.md); an explicit scale
+            estimator's default is its textbook form (docs/design.md); an explicit scale
             applies to either estimator.
         eps: added to the std (>= 0).
 

@@ -1,13 +1,20 @@
-"""RLTrainer: the machinery every algorithm shares.
+"""RLTrainer: the loop and what every algorithm shares around it.
 
-    prompts -> rollout (generate) -> rewards -> [compute_advantages] -> [update] -> metrics
+    prompts -> rollout (engine) -> rewards -> [compute_advantages] -> [update] -> metrics
             -> progress bar / metrics.jsonl / TensorBoard -> checkpoints -> final model + plots
 
-An algorithm subclasses RLTrainer and fills in the hooks (marked HOOK below):
-    setup()                 build extra models (reference, value model) once the policy exists
-    compute_advantages(b)   put advantages on the Rollout
-    update(b) -> dict       the optimisation step(s) on one rollout; returns its metrics
-    extra_state() / load_extra_state(state)   anything else a checkpoint must carry
+Construction is two explicit phases, so nothing runs on a half-built object:
+  1. RLTrainer.__init__ builds what every algorithm needs: the process group, the device, the
+     trainer's random state, the policy and tokenizer, the data, the reward functions and the
+     rollout engine. It calls no method a subclass overrides.
+  2. The algorithm's __init__ then builds what it uses (reference model, critic, the DDP/FSDP2
+     wrapper or a plain broadcast, optimiser, scheduler) with the helpers below.
+
+An algorithm implements:
+    compute_advantages(batch) -> Rollout   a new Rollout with advantages (and derived fields)
+    update(batch) -> dict                  the optimisation on one rollout; returns its metrics
+and, when it keeps more state than the policy and its optimiser:
+    extra_state() / load_extra_state(state, path) / save_extra_files(dir)
 """
 from __future__ import annotations
 
@@ -15,116 +22,78 @@ import contextlib
 import copy
 import math
 import os
-import random
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
+from transformers import AutoTokenizer
 
-from .. import distributed as dist_utils
+from ..rewards import RewardModel
 from . import checkpoint as ckpt
+from . import distributed as dist_utils
 from .config import ConfigError, RLConfig
+from .engine import HFEngine, RolloutEngine, SamplingSettings, left_pad, right_pad
+from .plot import plot_run
+from .policy import accepts_index_logits_to_keep, forward_logits, is_peft, load_policy, set_dropout_zero
+from .rollout import PromptSampler, Rollout, check_dataset, is_conversational
 from .tracking import MetricsTracker
 
-__all__ = ["RLTrainer", "Rollout", "RewardFunctionError", "PromptSampler"]
+__all__ = ["RLTrainer", "RewardFunctionError", "TrainerRNG", "resolve_alias"]
 
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised or returned something unusable; names the function and the sample."""
 
 
-# ----------------------------------------------------------------------------- data
-class PromptSampler:
-    """Yields dataset indices, epoch after epoch, in an order that depends only on (seed, epoch).
+class TrainerRNG:
+    """The trainer's own random state; the process's global generators are left as they were.
 
-    Its whole state is (epoch, position), so a resumed run continues with the same prompts.
+    - `generator`: a torch.Generator for data order and minibatch shuffles.
+    - The state the global torch generator has while the trainer samples completions and runs
+      dropout (HF `generate` and dropout draw only from the global generator): `scope()` swaps it
+      in for the duration of a step and swaps the process's own state back afterwards, so user code
+      between steps neither changes training nor is changed by it.
+    Both are in every checkpoint, so a resumed run continues the same random streams.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        if size == 0:
-            raise ValueError("train_dataset is empty")
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.position = 0, 0
-        self._order = self._make_order()
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.reseed(seed)
 
-    def _make_order(self) -> List[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=g).tolist()
+    def _devices(self):
+        return [self.device] if self.device.type == "cuda" else []
 
-    def take(self, n: int) -> List[int]:
-        out = []
-        while len(out) < n:
-            if self.position >= self.size:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._make_order()
-            k = min(n - len(out), self.size - self.position)
-            out.extend(self._order[self.position : self.position + k])
-            self.position += k
-        return out
+    def reseed(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=self._devices()):
+            torch.manual_seed(seed)
+            self._cpu = torch.get_rng_state()
+            self._cuda = torch.cuda.get_rng_state(self.device) if self._devices() else None
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    @contextlib.contextmanager
+    def scope(self):
+        with torch.random.fork_rng(devices=self._devices()):
+            torch.set_rng_state(self._cpu)
+            if self._cuda is not None:
+                torch.cuda.set_rng_state(self._cuda, self.device)
+            try:
+                yield
+            finally:
+                self._cpu = torch.get_rng_state()
+                if self._cuda is not None:
+                    self._cuda = torch.cuda.get_rng_state(self.device)
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._make_order()
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self.generator.get_state(), "torch": self._cpu, "cuda": self._cuda}
 
-
-def _rows(dataset) -> Any:
-    """A list of dicts, or a datasets.Dataset (indexable, rows are dicts)."""
-    if isinstance(dataset, dict):
-        raise TypeError("train_dataset: expected a datasets.Dataset or a list of dicts, got a dict "
-                        "(a DatasetDict? pick a split, e.g. dataset['train'])")
-    if len(dataset) == 0:
-        raise ValueError("train_dataset is empty")
-    first = dataset[0]
-    if not isinstance(first, dict) or "prompt" not in first:
-        raise ValueError("train_dataset rows need a 'prompt' field (text or a list of chat messages)")
-    return dataset
-
-
-# ----------------------------------------------------------------------------- rollout
-@dataclass
-class Rollout:
-    """One step's samples. N = prompts * G completions, T = longest completion."""
-
-    prompts: List[Any]                 # (N,) raw prompts (text or chat messages), each repeated G times
-    completions: List[Any]             # (N,) decoded completions (text, or [assistant message])
-    dataset_index: List[int]           # (N,) row of the dataset each sample came from
-    columns: Dict[str, List[Any]]      # other dataset columns, aligned with the completions
-    prompt_ids: torch.Tensor           # (N, P) left-padded
-    prompt_mask: torch.Tensor          # (N, P)
-    completion_ids: torch.Tensor       # (N, T)
-    completion_mask: torch.Tensor      # (N, T) 1 up to and including the first EOS
-    truncated: torch.Tensor            # (N,) bool: no EOS within max_completion_length
-    group_size: int = 1
-    rewards: Optional[torch.Tensor] = None            # (N,) float32, NaN = no reward
-    rewards_per_func: Optional[torch.Tensor] = None   # (N, F)
-    advantages: Optional[torch.Tensor] = None         # (N,) or (N, T)
-    old_logps: Optional[torch.Tensor] = None          # (N, T)
-    ref_logps: Optional[torch.Tensor] = None          # (N, T)
-    extras: Dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-
-def _is_conversational(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], dict)
-
-
-def _set_dropout_zero(model) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    cfg = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if cfg is not None and isinstance(getattr(cfg, name, None), float):
-            setattr(cfg, name, 0.0)
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self._cpu = state["torch"]
+        if state.get("cuda") is not None and self._devices():
+            cuda = state["cuda"]
+            # checkpoints before 0.2 held every device's state (a list); ours holds the trainer's device's
+            self._cuda = cuda[self.device.index or 0] if isinstance(cuda, (list, tuple)) else cuda
 
 
 def _is_number(v) -> bool:
@@ -139,6 +108,13 @@ def _func_name(f) -> str:
     return getattr(f, "__name__", None) or type(f).__name__
 
 
+def resolve_alias(name: str, value, alias: str, alias_value):
+    """A constructor argument that TRL spells differently (config / args, tokenizer / processing_class)."""
+    if value is not None and alias_value is not None and value is not alias_value:
+        raise TypeError(f"give {name}= or {alias}= (TRL's name for it), not both")
+    return value if value is not None else alias_value
+
+
 class RLTrainer:
     """Base trainer. `config_class` is the dataclass of the algorithm's settings."""
 
@@ -148,37 +124,47 @@ class RLTrainer:
     # otherwise the base averages them over ranks
     update_metrics_reduced = False
 
-    def __init__(self, model, reward_funcs, train_dataset, *, config: Optional[RLConfig] = None,
-                 tokenizer=None, ref_model=None, peft_config=None,
-                 callbacks: Optional[Sequence[Callable]] = None):
+    def __init__(self, model, reward_funcs=None, train_dataset=None, *, config: Optional[RLConfig] = None,
+                 args: Optional[RLConfig] = None, tokenizer=None, processing_class=None, peft_config=None,
+                 callbacks: Optional[Sequence[Callable]] = None, engine: Optional[RolloutEngine] = None):
+        # TRL spells two of these differently: args (config) and processing_class (tokenizer)
+        config = resolve_alias("config", config, "args", args)
+        tokenizer = resolve_alias("tokenizer", tokenizer, "processing_class", processing_class)
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"config: expected {self.config_class.__name__}, got {type(self.config).__name__}")
         cfg = self.config
         # torchrun with WORLD_SIZE > 1: join the process group (a plain run gets a world of one)
         self.dist = dist_utils.init_from_env(cfg.distributed, cfg.ddp_timeout)
-        # the same seed on every rank until the model is wrapped: identical initialisation (LoRA...)
-        self._seed_everything(cfg.seed)
+        W = self.dist.world_size
+        if cfg.prompts_per_step % W:
+            raise ConfigError(f"{cfg.prompts_per_step} prompts per step (the global batch) cannot be split "
+                              f"evenly over {W} processes: make it a multiple of the world size")
         self.device = self._pick_device(cfg.device)
+        # the same seed on every rank until the policy is replicated: identical initialisation (LoRA...)
+        self.rng = TrainerRNG(cfg.seed, self.device)
 
-        self.model, self.tokenizer = self._load_model(model, tokenizer)
+        self.model, self.tokenizer = load_policy(model, tokenizer, dtype=cfg.dtype,
+                                                 model_init_kwargs=cfg.model_init_kwargs)
         if peft_config is not None:
             try:
                 from peft import get_peft_model
             except ImportError as e:
                 raise ImportError("peft_config was given but peft is not installed: pip install peft") from e
-            self.model = get_peft_model(self.model, peft_config)
-        self.is_peft = ckpt._is_peft(self.model)
+            with self.rng.scope():  # the adapter's initialisation draws from the trainer's seed
+                self.model = get_peft_model(self.model, peft_config)
+        self.is_peft = is_peft(self.model)
         if cfg.disable_dropout:
-            _set_dropout_zero(self.model)
+            set_dropout_zero(self.model)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             if hasattr(self.model, "config"):
                 self.model.config.use_cache = False
         self.model.to(self.device)
-        self._user_ref_model = ref_model
+        # decided once from the forward's signature (never by catching errors of a real forward)
+        self.index_logits_to_keep = accepts_index_logits_to_keep(self.model)
 
-        self.train_dataset = _rows(train_dataset)
+        self.train_dataset = check_dataset(train_dataset)
         self.reward_funcs, self.reward_names = self._prepare_reward_funcs(reward_funcs)
         weights = cfg.reward_weights
         if weights is None:
@@ -186,29 +172,18 @@ class RLTrainer:
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-
         self.sampler = PromptSampler(len(self.train_dataset), cfg.seed, cfg.shuffle_dataset)
-        self._index_logits_to_keep: Optional[bool] = None  # learnt on the first policy forward
+        self.engine = engine if engine is not None else HFEngine(
+            self.model, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            device=self.device, synced_gpus=self.dist.enabled and self.dist.mode == "fsdp2")
         self.callbacks = list(callbacks or [])
-        self.setup()  # HOOK: reference / value models
-        W = self.dist.world_size
-        if self.prompts_per_step() % W:
-            raise ConfigError(f"{self.prompts_per_step()} prompts per step (the global batch) cannot be split "
-                              f"evenly over {W} processes: make it a multiple of the world size")
-        if self.dist.mode == "fsdp2" and self.is_peft:
-            raise ConfigError("distributed=fsdp2 with a PEFT adapter is not supported; use distributed=ddp")
-        # the module gradient-carrying forwards go through: DDP wrapper, the FSDP2-sharded model, or
-        # the model itself; self.model stays the unwrapped policy (generate, adapters, saving)
-        self.wrapped_model = dist_utils.wrap_model(self.model, self.dist)
-        if self.dist.enabled:  # from here on each rank samples its own completions
-            self._seed_everything(cfg.seed + self.dist.rank)
-        params = [p for p in self.trainable_parameters()]
-        # the fused AdamW (one kernel over all parameters; CPU and CUDA) unless a parameter rules it out
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                                           **({"fused": True} if fused else {}))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
+
+        # built by the algorithm (phase 2)
+        self.ref_model = None
+        self.wrapped_model = self.model
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler = None
+
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []
         self.num_tokens = 0
@@ -217,64 +192,98 @@ class RLTrainer:
         self.plot_paths: List[str] = []
         self.last_checkpoint: Optional[str] = None
 
-    # ------------------------------------------------------------------ HOOKS
-    def setup(self) -> None:
-        """HOOK: build what the algorithm needs besides the policy (called once, in __init__)."""
+    # ------------------------------------------------------------------ phase-2 helpers
+    def build_reference_model(self, needed: bool, ref_model=None):
+        """A frozen copy of the policy (or the user's reference, a model or a local path) when
+        `needed`; None otherwise, and with PEFT, where the reference is the base model with the
+        adapter disabled (see ref_context)."""
+        if not needed or self.is_peft:
+            return None
+        ref = ref_model if ref_model is not None else copy.deepcopy(self.model)
+        if isinstance(ref, (str, os.PathLike)):
+            ref, _ = load_policy(ref, self.tokenizer, dtype=self.config.dtype)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref.to(self.device)
 
-    def build_reference_model(self, needed: bool) -> None:
-        """self.ref_model: a frozen copy of the policy (or the user's reference, a model or a
-        local path) when `needed`; None otherwise, and with PEFT, where the reference is the
-        base model with the adapter disabled (see _ref_context)."""
-        self.ref_model = None
-        if needed and not self.is_peft:
-            ref = self._user_ref_model if self._user_ref_model is not None else copy.deepcopy(self.model)
-            if isinstance(ref, str):
-                from transformers import AutoModelForCausalLM
-
-                ref = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True)
-            ref.eval()
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            self.ref_model = ref.to(self.device)
-        self._user_ref_model = None
-
-    def _ref_context(self):
+    def ref_context(self):
         """Context in which self.model acts as the reference (PEFT: adapter disabled)."""
         if self.ref_model is None and self.is_peft:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
+    def _per_rank_randomness(self) -> None:
+        if self.dist.enabled:  # from here on each rank samples its own completions
+            self.rng.reseed(self.config.seed + self.dist.rank)
+
+    def wrap_policy(self):
+        """The module gradient-carrying forwards go through: the DDP wrapper, the FSDP2-sharded
+        model, or the model itself; self.model stays the unwrapped policy (sampling, adapters, saving)."""
+        if self.dist.mode == "fsdp2" and self.dist.enabled and self.is_peft:
+            raise ConfigError("distributed=fsdp2 with a PEFT adapter is not supported; use distributed=ddp")
+        wrapped = dist_utils.wrap_model(self.model, self.dist)
+        self._per_rank_randomness()
+        return wrapped
+
+    def replicate_policy(self) -> None:
+        """For algorithms that average gradients themselves (their loss spans modules outside a
+        DDP wrapper): rank 0's policy weights to every rank, no wrapper."""
+        if self.dist.enabled:
+            if self.dist.mode != "ddp":
+                raise ConfigError(f"{type(self).__name__} under torchrun supports distributed=ddp, not "
+                                  f"{self.dist.mode!r}")
+            dist_utils.broadcast_module(self.model)
+        self._per_rank_randomness()
+
+    def build_optimizer(self, params, lr: Optional[float] = None) -> torch.optim.Optimizer:
+        """AdamW with the config's betas, eps and weight decay; fused unless a parameter rules it out."""
+        cfg = self.config
+        params = list(params)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=cfg.learning_rate if lr is None else lr,
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                 weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+
+    def build_scheduler(self, optimizer, total_updates: int):
+        """Linear warm-up, then constant, linear or cosine decay over `total_updates` optimiser steps."""
+        cfg = self.config
+        warm = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_updates))
+
+        def factor(i: int) -> float:
+            if warm and i < warm:
+                return (i + 1) / (warm + 1)
+            if cfg.lr_scheduler_type == "constant":
+                return 1.0
+            progress = min(1.0, (i - warm) / max(1, total_updates - warm))
+            if cfg.lr_scheduler_type == "linear":
+                return 1.0 - progress
+            return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # ------------------------------------------------------------------ what an algorithm implements
     def trainable_parameters(self):
-        """HOOK: parameters the optimiser updates (the policy's, plus e.g. a value head)."""
+        """Parameters of the policy that train (all, or the adapter's under PEFT)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def updates_per_step(self) -> int:
-        """HOOK: optimiser steps per training step (the scheduler length is max_steps times this)."""
-        return 1
-
-    def prompts_per_step(self) -> int:
-        """HOOK: distinct prompts sampled per step."""
-        cfg = self.config
-        return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-
-    def generations_per_prompt(self) -> int:
-        """HOOK: completions sampled per prompt."""
-        return 1
-
-    def compute_advantages(self, batch: Rollout) -> None:
-        """HOOK: set batch.advantages (and any metrics in batch.extras['metrics'])."""
+    def compute_advantages(self, batch: Rollout) -> Rollout:
+        """A new Rollout with advantages (and any metrics in extras['metrics'])."""
         raise NotImplementedError
 
     def update(self, batch: Rollout) -> Dict[str, float]:
-        """HOOK: optimise on one rollout; returns metrics (loss, kl, entropy, clip ratios, grad_norm...)."""
+        """Optimise on one rollout; returns metrics (loss, kl, entropy, clip ratios, grad_norm...)."""
         raise NotImplementedError
 
     def extra_state(self) -> Dict[str, Any]:
-        """HOOK: extra things a checkpoint must hold (e.g. a value model's state)."""
+        """Extra tensors / numbers a checkpoint's trainer_state.pt must hold."""
         return {}
 
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        """HOOK: restore what extra_state() returned."""
+    def load_extra_state(self, state: Dict[str, Any], path: str) -> None:
+        """Restore what extra_state() and save_extra_files() wrote into checkpoint `path`."""
+
+    def save_extra_files(self, directory: str) -> None:
+        """Write extra files (e.g. the critic's weights) into a checkpoint directory being built."""
 
     # ------------------------------------------------------------------ setup helpers
     def _pick_device(self, spec: Optional[str]) -> torch.device:
@@ -288,46 +297,7 @@ class RLTrainer:
         k = len(indices) // W
         return indices[r * k:(r + 1) * k]
 
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
-
-    def _load_model(self, model, tokenizer):
-        cfg = self.config
-        if isinstance(model, (str, os.PathLike)):
-            from transformers import AutoModelForCausalLM
-
-            kwargs = dict(cfg.model_init_kwargs or {})
-            kwargs.setdefault("local_files_only", True)
-            if cfg.dtype != "auto":
-                kwargs.setdefault("dtype", getattr(torch, cfg.dtype))
-            else:
-                kwargs.setdefault("dtype", "auto")
-            name = str(model)
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        elif tokenizer is None:
-            from transformers import AutoTokenizer
-
-            name = getattr(getattr(model, "config", None), "_name_or_path", None)
-            if not name:
-                raise ValueError("tokenizer: the model was given as an object without a name_or_path; pass tokenizer=")
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no eos_token: completions could never end")
-        tokenizer.padding_side = "left"
-        return model, tokenizer
-
     def _prepare_reward_funcs(self, reward_funcs):
-        from ..rewards import RewardModel
-
         if reward_funcs is None:
             raise ValueError("reward_funcs: give at least one reward function or reward model")
         if isinstance(reward_funcs, tuple) and len(reward_funcs) == 2 and isinstance(reward_funcs[0], torch.nn.Module):
@@ -358,34 +328,15 @@ class RLTrainer:
 
     @staticmethod
     def _reward_tokenizer_for(model):
-        from transformers import AutoTokenizer
-
         name = getattr(model.config, "_name_or_path", None)
         if not name:
             raise ValueError("a reward model given without its tokenizer: pass (model, tokenizer) "
                              "or grpo_fast.rewards.RewardModel(model, tokenizer)")
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
 
-    def _lr_lambda(self):
-        cfg = self.config
-        total = cfg.max_steps * self.updates_per_step()
-        warm = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total))
-
-        def factor(i: int) -> float:
-            if warm and i < warm:
-                return (i + 1) / (warm + 1)
-            if cfg.lr_scheduler_type == "constant":
-                return 1.0
-            progress = min(1.0, (i - warm) / max(1, total - warm))
-            if cfg.lr_scheduler_type == "linear":
-                return 1.0 - progress
-            return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
-
-        return factor
-
     # ------------------------------------------------------------------ rollout
     def _prompt_text(self, prompt) -> str:
-        if _is_conversational(prompt):
+        if is_conversational(prompt):
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("a chat prompt (list of messages) needs a tokenizer with a chat_template")
             return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
@@ -393,99 +344,53 @@ class RLTrainer:
             raise TypeError(f"prompt: expected text or a list of chat messages, got {type(prompt).__name__}")
         return prompt
 
-    def generation_kwargs(self) -> Dict[str, Any]:
+    def sampling_settings(self) -> SamplingSettings:
         cfg = self.config
-        kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                  max_new_tokens=cfg.max_completion_length, pad_token_id=self.tokenizer.pad_token_id,
-                  eos_token_id=self.tokenizer.eos_token_id, repetition_penalty=cfg.repetition_penalty,
-                  use_cache=True)
-        if cfg.min_p is not None:
-            kw["min_p"] = cfg.min_p
-        return kw
+        return SamplingSettings(n=cfg.num_generations, max_tokens=cfg.max_completion_length,
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                                repetition_penalty=cfg.repetition_penalty)
 
-    def _unwrapped(self):
-        return self.model
-
-    @torch.no_grad()
     def rollout(self, indices: List[int]) -> Rollout:
-        """Sample G completions for each prompt (left padding, stop at EOS)."""
-        from transformers import GenerationConfig
-
-        G = self.generations_per_prompt()
+        """Sample G completions for each prompt through the engine (stop at EOS)."""
+        settings = self.sampling_settings()
+        G = settings.n
         rows = [self.train_dataset[i] for i in indices]
         texts = [self._prompt_text(r["prompt"]) for r in rows]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
-                             add_special_tokens=False)
-        prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+        prompt_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         L = self.config.max_prompt_length
-        if L is not None and prompt_ids.shape[1] > L:  # keep the end of long prompts (as TRL)
-            prompt_ids, prompt_mask = prompt_ids[:, -L:], prompt_mask[:, -L:]
-        prompt_ids = prompt_ids.repeat_interleave(G, dim=0).to(self.device)     # (N, P)
-        prompt_mask = prompt_mask.repeat_interleave(G, dim=0).to(self.device)   # (N, P)
-
-        model = self._unwrapped()
-        was_training = model.training
-        model.eval()
-        gen_config = GenerationConfig(**self.generation_kwargs())
-        # FSDP2: every forward is a collective, so ranks keep stepping until all have finished
-        synced = {"synced_gpus": True} if self.dist.enabled and self.dist.mode == "fsdp2" else {}
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config,
-                             **synced)
-        if was_training:
-            model.train()
-        completion_ids = out[:, prompt_ids.shape[1]:]                          # (N, T)
-        N, T = completion_ids.shape
-        is_eos = completion_ids == self.tokenizer.eos_token_id
-        has_eos = is_eos.any(dim=1)
-        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full((N,), T, device=out.device))
-        # every token up to and including the first EOS
-        completion_mask = (torch.arange(T, device=out.device)[None, :] <= first_eos[:, None]).to(prompt_mask.dtype)
-        truncated = ~has_eos
-
-        lengths = completion_mask.sum(1).tolist()
-        ids_list = [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
+        if L is not None:  # keep the end of long prompts (as TRL)
+            prompt_ids = [p[-L:] for p in prompt_ids]
+        gen = self.engine.generate(prompt_ids, settings)
+        pad = self.tokenizer.pad_token_id
+        p_ids, p_mask = left_pad(prompt_ids, pad, self.device)
+        p_ids, p_mask = p_ids.repeat_interleave(G, dim=0), p_mask.repeat_interleave(G, dim=0)   # (N, P)
+        ids_list = [list(c) for c in gen.completion_ids]
+        completion_ids = right_pad(ids_list, pad, device=self.device)                          # (N, T)
+        completion_mask = right_pad([[1] * len(c) for c in ids_list], 0, dtype=p_mask.dtype,
+                                    device=self.device, width=completion_ids.shape[1])
+        truncated = torch.tensor([r != "stop" for r in gen.finish_reasons], device=self.device)
+        engine_logps = None
+        if gen.logprobs is not None:
+            engine_logps = right_pad(gen.logprobs, 0.0, dtype=torch.float32, device=self.device,
+                                     width=completion_ids.shape[1])
         decoded = self.tokenizer.batch_decode(ids_list, skip_special_tokens=True)
         prompts = [r["prompt"] for r in rows for _ in range(G)]
-        completions = [[{"role": "assistant", "content": t}] if _is_conversational(p) else t
+        completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t
                        for p, t in zip(prompts, decoded)]
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        return Rollout(prompts=prompts, completions=completions,
+        return Rollout(prompts=prompts, completions=completions, completion_ids_list=ids_list,
                        dataset_index=[i for i in indices for _ in range(G)], columns=columns,
-                       prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                       prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=completion_ids,
                        completion_mask=completion_mask, truncated=truncated, group_size=G,
-                       extras={"completion_ids_list": ids_list})
+                       engine_logps=engine_logps)
 
     def forward_logits(self, model, batch: Rollout, rows=slice(None)) -> torch.Tensor:
         """Logits of the completion tokens only: (n, T, V), the prompt's logits are never made."""
-        prompt_ids, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
-        completion_ids, completion_mask = batch.completion_ids[rows], batch.completion_mask[rows]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)             # (n, P + T)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        # positions as generate() gives them under left padding
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        P, T = prompt_ids.shape[1], completion_ids.shape[1]
-        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        if self._index_logits_to_keep is not False:
-            # logits_to_keep as the positions P-1 .. P+T-2, the ones that predict the completion: the
-            # same numbers as TRL's "T + 1, drop the last", but no wasted row, and the logits come out
-            # contiguous (B, T, V), which the loss reads in one pass instead of per sequence
-            keep = torch.arange(P - 1, P + T - 1, device=input_ids.device)
-            try:
-                logits = model(**kw, logits_to_keep=keep).logits
-            except (TypeError, ValueError, RuntimeError, IndexError):
-                logits = None
-            if logits is not None and logits.shape[:2] == (input_ids.shape[0], T):
-                self._index_logits_to_keep = True
-                return logits                                                   # (n, T, V) predicts token t
-            if self._index_logits_to_keep is True:
-                raise RuntimeError("the model stopped accepting a tensor logits_to_keep")
-            self._index_logits_to_keep = False  # this model takes only an int
-        logits = model(**kw, logits_to_keep=T + 1).logits                       # (n, T + 1, V)
-        return logits[:, :-1]                                                   # (n, T, V) predicts token t
+        return forward_logits(model, batch, rows, index_logits_to_keep=self.index_logits_to_keep)
 
     # ------------------------------------------------------------------ rewards
     def _call_reward(self, f, name: str, batch: Rollout, step: int, sel: Optional[List[int]] = None):
-        ids = batch.extras["completion_ids_list"]
+        ids = batch.completion_ids_list
         pick = (lambda xs: xs) if sel is None else (lambda xs: [xs[i] for i in sel])
         return f(pick(batch.prompts), pick(batch.completions), pick(ids),
                  **{k: pick(v) for k, v in batch.columns.items()})
@@ -497,7 +402,7 @@ class RLTrainer:
             text = text[:200] + "..."
         return f"sample {i} of the step (dataset index {batch.dataset_index[i]}, prompt {text!r})"
 
-    def compute_rewards(self, batch: Rollout, step: int) -> None:
+    def compute_rewards(self, batch: Rollout, step: int) -> Rollout:
         """Call every reward function; None -> NaN; weighted sum (NaN where every function gave None)."""
         N = len(batch)
         columns = []
@@ -523,7 +428,7 @@ class RLTrainer:
         weighted = per_func * w                                                  # (N, F)
         total = torch.nansum(weighted, dim=1)
         total[torch.isnan(per_func).all(dim=1)] = float("nan")
-        batch.rewards_per_func, batch.rewards = per_func, total
+        return batch.with_fields(rewards=total, rewards_per_func=per_func)
 
     def _locate_reward_failure(self, f, name, batch, step, error) -> RewardFunctionError:
         # Call the function one sample at a time to find which one breaks it.
@@ -577,10 +482,12 @@ class RLTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> Dict[str, Any]:
         sharded = self.dist.enabled and self.dist.mode == "fsdp2"
-        state = {"step": self.global_step, "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+        state = {"step": self.global_step, "rng": self.rng.state_dict(),
                  "sampler": self.sampler.state_dict(), "history": self.history, "num_tokens": self.num_tokens,
                  "config": self.config.to_dict(), "algorithm": self.algorithm, "extra": self.extra_state()}
-        if not sharded:  # FSDP2: the optimiser state goes into the sharded files with the model
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.optimizer is not None and not sharded:  # FSDP2: the optimiser state is in the sharded files
             state["optimizer"] = self.optimizer.state_dict()
         if self.dist.enabled:  # every rank's generators, so each rank resumes its own sampling exactly
             state["rng_per_rank"] = self.dist.all_gather_object(state["rng"])
@@ -592,7 +499,8 @@ class RLTrainer:
         """Collective under torchrun: every rank calls it (rank 0 writes, FSDP2 ranks write their shards)."""
         self.last_checkpoint = ckpt.save_checkpoint(self.config.output_dir, self.global_step, self.model,
                                                     self.tokenizer, self._state(), self.config.save_total_limit,
-                                                    dist=self.dist, optimizer=self.optimizer)
+                                                    dist=self.dist, optimizer=self.optimizer,
+                                                    write_extra=self.save_extra_files)
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str) -> None:
@@ -610,24 +518,25 @@ class RLTrainer:
             if self.dist.enabled and self.dist.mode == "fsdp2":
                 raise ValueError(f"checkpoint {path} is not sharded: resume it with distributed=ddp")
             ckpt.load_model_weights(self.model, path)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = int(state["step"])
         self.history = list(state["history"])
         self.num_tokens = int(state.get("num_tokens", 0))
-        self.load_extra_state(state.get("extra", {}))
+        self.load_extra_state(state.get("extra", {}), path)
         per_rank = state.get("rng_per_rank")
-        # last: nothing after it may draw random numbers
         if per_rank is not None and len(per_rank) == self.dist.world_size:
-            ckpt.set_rng_state(per_rank[self.dist.rank])
+            self.rng.load_state_dict(per_rank[self.dist.rank])
         elif not self.dist.enabled:
-            ckpt.set_rng_state(state["rng"] if per_rank is None else per_rank[0])
+            self.rng.load_state_dict(state["rng"] if per_rank is None else per_rank[0])
         else:  # another world size: the weights, optimiser and data order carry over, sampling restarts
             if self.dist.is_main:
                 print(f"[grpo_fast] {path} was written by {saved_world} process(es), this run has "
                       f"{self.dist.world_size}: random generators reseeded per rank")
-            self._seed_everything(self.config.seed + 1_000_003 * self.global_step + self.dist.rank)
+            self.rng.reseed(self.config.seed + 1_000_003 * self.global_step + self.dist.rank)
         self.last_checkpoint = path
 
     # ------------------------------------------------------------------ the loop
@@ -672,16 +581,21 @@ class RLTrainer:
         return self.history
 
     def training_step(self) -> Dict[str, Any]:
+        with self.rng.scope():  # sampling and dropout draw from the trainer's random state
+            return self._training_step()
+
+    def _training_step(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
         # every rank draws the same global prompts and keeps its own slice
-        indices = self._local_indices(self.sampler.take(self.prompts_per_step()))
+        indices = self._local_indices(self.sampler.take(self.config.prompts_per_step))
         batch = self.rollout(indices)
         t_gen = time.perf_counter() - t0
-        self.compute_rewards(batch, self.global_step + 1)
-        self.compute_advantages(batch)
+        batch = self.compute_rewards(batch, self.global_step + 1)
+        batch = self.compute_advantages(batch)
         update_metrics = self.update(batch)
         if not self.update_metrics_reduced:
             update_metrics = self.dist.mean_metrics(update_metrics)
+        self.engine.sync_weights(self.model)
         self.global_step += 1
         dt = time.perf_counter() - t0
         tokens = int(batch.prompt_mask.sum() + batch.completion_mask.sum())
@@ -693,7 +607,8 @@ class RLTrainer:
         metrics.update(self.rollout_metrics(batch))
         metrics.update(update_metrics)
         metrics.update(self.dist.mean_metrics(batch.extras.get("metrics", {})))
-        metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+        if self.scheduler is not None:
+            metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         metrics["num_tokens"] = self.num_tokens
         metrics["tokens_per_s"] = tokens / dt
         metrics["generation_time"] = t_gen
@@ -723,8 +638,6 @@ class RLTrainer:
 
     def write_plots(self) -> List[str]:
         try:
-            from ..plot import plot_run
-
             self.plot_paths = plot_run(self.config.output_dir)
         except ImportError as e:  # matplotlib missing: the JSONL has the numbers
             print(f"[grpo_fast] plots skipped: {e}")

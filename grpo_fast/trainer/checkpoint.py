@@ -1,12 +1,13 @@
-"""Atomic checkpoints: model (save_pretrained), tokenizer, optimiser, scheduler, RNG states, step,
-sampler state, metrics history and config.
+"""Atomic checkpoints: model (save_pretrained), tokenizer, optimiser, scheduler, the trainer's RNG
+state, step, sampler state, metrics history and config (trainer_state.pt, loaded weights-only),
+plus the files an algorithm adds (e.g. critic.safetensors).
 
 A checkpoint is written into a temporary sibling directory, every file is fsynced, and only
 then is the directory renamed to checkpoint-N (rename is atomic on POSIX). A process killed
 during a save leaves a `.tmp-*` directory that loaders ignore, and the previous checkpoint
 untouched. A directory counts as a checkpoint only when it holds trainer_state.pt.
 
-Under torchrun (see grpo_fast.distributed): with DDP rank 0 writes the unwrapped model and the
+Under torchrun (see grpo_fast.trainer.distributed): with DDP rank 0 writes the unwrapped model and the
 state as above (every rank's RNG state inside it); with FSDP2 every rank writes its shards of
 the model and optimiser with torch.distributed.checkpoint into checkpoint-N/sharded/, and rank 0
 adds the model config, tokenizer and trainer_state.pt, then renames the directory. Either way
@@ -15,33 +16,26 @@ the rename happens after all ranks have finished writing, so the atomicity holds
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import random
+import pickle
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from transformers.utils import logging as hf_logging
+
+from .policy import is_peft
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _fsync_tree(path: str) -> None:
@@ -71,8 +65,6 @@ def _fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def quiet_progress():
     """Hide transformers' per-save progress bars (they would break the training bar)."""
-    from transformers.utils import logging as hf_logging
-
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -82,24 +74,23 @@ def quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 def save_checkpoint(output_dir: str, step: int, model, tokenizer, state: Dict[str, Any],
-                    save_total_limit: Optional[int] = None, *, dist=None, optimizer=None) -> str:
+                    save_total_limit: Optional[int] = None, *, dist=None, optimizer=None,
+                    write_extra: Optional[Callable[[str], None]] = None) -> str:
     """Write OUTPUT_DIR/checkpoint-STEP atomically; returns its path.
 
     dist: a grpo_fast.distributed.DistContext; under torchrun every rank must call this.
     optimizer: needed for FSDP2 (its sharded state is saved with the model's shards).
+    write_extra: called with the directory being built, to add files (e.g. the critic's weights).
     """
     if dist is None or not dist.enabled:
-        return _write(output_dir, step, model, tokenizer, state, save_total_limit)
+        return _write(output_dir, step, model, tokenizer, state, save_total_limit, write_extra)
     if dist.mode == "fsdp2":
-        return _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, dist, optimizer)
+        return _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, dist, optimizer,
+                             write_extra)
     final = None
     if dist.is_main:  # DDP: the replicas are identical, rank 0 writes
-        final = _write(output_dir, step, model, tokenizer, state, save_total_limit)
+        final = _write(output_dir, step, model, tokenizer, state, save_total_limit, write_extra)
     return dist.broadcast_object(final)  # also a barrier: the checkpoint exists when any rank returns
 
 
@@ -114,12 +105,14 @@ def _prepare_dirs(output_dir: str, step: int):
     return final, tmp
 
 
-def _write(output_dir, step, model, tokenizer, state, save_total_limit) -> str:
+def _write(output_dir, step, model, tokenizer, state, save_total_limit, write_extra=None) -> str:
     final, tmp = _prepare_dirs(output_dir, step)
     with quiet_progress():
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    if write_extra is not None:
+        write_extra(tmp)
     return _commit(output_dir, step, final, tmp, state, save_total_limit)
 
 
@@ -140,10 +133,8 @@ def _commit(output_dir, step, final, tmp, state, save_total_limit) -> str:
     return final
 
 
-def _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, dist, optimizer) -> str:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+def _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, dist, optimizer,
+                  write_extra=None) -> str:
     paths = _prepare_dirs(output_dir, step) if dist.is_main else None
     final, tmp = dist.broadcast_object(paths)
     model_sd, optim_sd = get_state_dict(model, optimizer)          # collective: DTensor shards
@@ -157,6 +148,8 @@ def _save_sharded(output_dir, step, model, tokenizer, state, save_total_limit, d
                 model.generation_config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         out = _commit(output_dir, step, final, tmp, state, save_total_limit)
     return dist.broadcast_object(out)
 
@@ -167,9 +160,6 @@ def is_sharded(path: str) -> bool:
 
 def load_sharded(path: str, model, optimizer) -> None:
     """Restore an FSDP2 model and optimiser from checkpoint-N/sharded (same world size); collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR))
@@ -178,8 +168,6 @@ def load_sharded(path: str, model, optimizer) -> None:
 
 def full_model_state(model) -> Dict[str, torch.Tensor]:
     """The full (unsharded) state dict of an FSDP2 model on CPU; collective, rank 0 gets the tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -210,9 +198,7 @@ def resolve_checkpoint(spec: Optional[str], output_dir: str) -> Optional[str]:
 
 def load_model_weights(model, path: str) -> None:
     """Load the weights that save_pretrained wrote in `path` into `model`, exactly."""
-    from safetensors.torch import load_file
-
-    if _is_peft(model):
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
@@ -221,8 +207,6 @@ def load_model_weights(model, path: str) -> None:
     if os.path.isfile(single):
         state = load_file(single)
     else:
-        import json
-
         with open(os.path.join(path, "model.safetensors.index.json")) as fh:
             shards = sorted(set(json.load(fh)["weight_map"].values()))
         state = {}
@@ -237,6 +221,21 @@ def load_model_weights(model, path: str) -> None:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {bad[:5]}, unexpected {unexpected[:5]}")
 
 
+def _numpy_rng_globals():
+    # what numpy's RNG state (np.random.get_state()) pickles to: an ndarray of uint32
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_state(path: str) -> Dict[str, Any]:
-    # our own file, holding numpy / python RNG states: not weights-only
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    """trainer_state.pt, loaded weights-only (tensors, numbers, strings, lists, dicts).
+
+    Checkpoints written before 0.2 also hold numpy's and Python's RNG states; for those exactly
+    the numpy types that state pickles to are allowed, nothing else.
+    """
+    f = os.path.join(path, STATE_FILE)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(f, map_location="cpu", weights_only=True)

@@ -12,13 +12,18 @@ of those updates as a step; the two agree at the default num_iterations = 1).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-__all__ = ["ConfigError", "RLConfig", "GRPOConfig"]
+import yaml
+
+__all__ = ["ConfigError", "CriticConfig", "GRPOConfig", "PPOConfig", "RLConfig", "TRPOConfig"]
 
 
 class ConfigError(ValueError):
@@ -81,6 +86,8 @@ class RLConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step."""
     # --- rollout
+    num_generations: int = 1
+    """Completions sampled per prompt (the group size G)."""
     max_prompt_length: Optional[int] = 512
     """Prompts longer than this many tokens keep their last max_prompt_length tokens (None: no limit)."""
     max_completion_length: int = 256
@@ -162,6 +169,15 @@ class RLConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit={self.save_total_limit!r}: must be >= 1 or None")
 
+    @property
+    def prompts_per_step(self) -> int:
+        """Distinct prompts sampled per training step (over all processes)."""
+        return self.completions_per_step // self.num_generations
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
     # ------------------------------------------------------------------ I/O
     @classmethod
     def field_names(cls) -> List[str]:
@@ -170,9 +186,6 @@ class RLConfig:
     @classmethod
     def field_help(cls) -> Dict[str, str]:
         """Field -> its docstring line (read from the source, so the docs live in one place)."""
-        import ast
-        import inspect
-
         docs: Dict[str, str] = {}
         for klass in reversed(cls.__mro__):
             if not dataclasses.is_dataclass(klass):
@@ -207,8 +220,6 @@ class RLConfig:
     @classmethod
     def from_yaml(cls, path: str, **overrides):
         """Load a YAML file of field: value pairs; `overrides` win. Bad fields raise ConfigError."""
-        import yaml
-
         with open(path) as fh:
             values = yaml.safe_load(fh) or {}
         if not isinstance(values, dict):
@@ -221,8 +232,6 @@ class RLConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str) -> None:
-        import yaml
-
         with open(path, "w") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
@@ -300,9 +309,180 @@ class GRPOConfig(RLConfig):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs "
                               f"has {len(self.reward_funcs)}")
 
+
+
+@dataclass
+class CriticConfig:
+    """The value-model and GAE fields PPO and TRPO share (one definition, mixed into both configs)."""
+
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise the GAE advantages to mean 0, std 1 over the rollout's completion tokens."""
+    value_model: Optional[str] = None
+    """Critic: a local path (a ValueModel.save_pretrained directory or any model's trunk); None: a copy of the policy with a fresh head."""
+
+    def validate_critic(self) -> None:
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
+
+
+@dataclass
+class PPOConfig(CriticConfig, RLConfig):
+    """Configuration of PPOTrainer (names from the PPO / RLHF papers and TRL's PPOConfig)."""
+
+    output_dir: str = "runs/ppo"
+    """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
+    num_generations: int = 1
+    """Completions sampled per prompt (PPO needs no groups; > 1 samples each prompt several times)."""
+    num_mini_batches: int = 1
+    """Minibatches per rollout; one rollout is num_mini_batches * per_device_train_batch_size * gradient_accumulation_steps completions."""
+    ppo_epochs: int = 4
+    """Passes over the rollout per step (each pass: num_mini_batches optimiser steps in a fresh random order)."""
+    epsilon: float = 0.2
+    """Clip range of the importance ratio: rho >= 1 - epsilon."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range, rho <= 1 + epsilon_high; None = epsilon."""
+    clip_ratio_c: Optional[float] = None
+    """Dual clip for negative advantages (Ye et al. 2020): the loss is at most -c * A; None: off (3.0 is usual)."""
+    cliprange_value: Optional[float] = 0.2
+    """Clip the new values to old value +- this in the value loss (max of clipped and unclipped errors); None: no clip."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0: none)."""
+    loss_type: str = "dapo"
+    """Policy-loss reduction (as GRPOConfig): dapo/bnpo (mean over the minibatch's tokens), grpo (per sequence), dr_grpo."""
+    beta: float = 0.05
+    """KL coefficient to the reference model (initial value with adaptive_kl); 0: no reference model is kept."""
+    kl_penalty: str = "reward"
+    """Where the KL to the reference goes: reward (k1 per token in the reward, as RLHF-PPO) or loss (policy_loss's beta)."""
+    kl_estimator: str = "k3"
+    """KL estimator with kl_penalty=loss: k1, k2 or k3 (the reward penalty is always k1)."""
+    adaptive_kl: bool = False
+    """Adapt beta towards target_kl (Ziegler et al. 2019): beta *= 1 + clip(KL / target_kl - 1, +-0.2) * N / kl_horizon."""
+    target_kl: float = 6.0
+    """Target of the adaptive controller: KL per completion (summed over its tokens), in nats."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in completions."""
+    share_policy_trunk: bool = False
+    """Put the value head on the policy's last hidden state instead of a separate critic (one forward for logits and values)."""
+
+    _CHOICES = dict(RLConfig._CHOICES, **{
+        "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+        "kl_penalty": ("reward", "loss"),
+        "kl_estimator": ("k1", "k2", "k3"),
+    })
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_critic()
+        for name in ("num_generations", "num_mini_batches", "ppo_epochs", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError(f"epsilon={self.epsilon}: must be in [0, 1)")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high={self.epsilon_high}: must be >= 0")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
+            raise ConfigError(f"clip_ratio_c={self.clip_ratio_c}: must be > 1")
+        if self.cliprange_value is not None and self.cliprange_value <= 0:
+            raise ConfigError(f"cliprange_value={self.cliprange_value}: must be > 0 or None")
+        for name in ("vf_coef", "beta", "entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.target_kl <= 0:
+            raise ConfigError(f"target_kl={self.target_kl}: must be > 0")
+        if self.adaptive_kl and self.beta == 0:
+            raise ConfigError("adaptive_kl=True needs an initial beta > 0")
+        if self.share_policy_trunk and self.value_model is not None:
+            raise ConfigError("share_policy_trunk=True puts the head on the policy: value_model must be None")
+        if self.rollout_size % self.num_generations:
+            raise ConfigError(f"num_mini_batches * per_device_train_batch_size * gradient_accumulation_steps = "
+                              f"{self.rollout_size} completions per step is not a multiple of "
+                              f"num_generations={self.num_generations}")
+
     @property
-    def prompts_per_step(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
+    def minibatch_size(self) -> int:
+        """Completions per optimiser step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.rollout_size
+
+    @property
+    def rollout_size(self) -> int:
+        """Completions sampled per training step."""
+        return self.minibatch_size * self.num_mini_batches
+
+
+@dataclass
+class TRPOConfig(CriticConfig, RLConfig):
+    """Configuration of TRPOTrainer (names from Schulman et al. 2015)."""
+
+    output_dir: str = "runs/trpo"
+    """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group of the group baseline; may be 1 with advantage_estimator=gae)."""
+    advantage_estimator: str = "group"
+    """Advantages: group (group_advantages over each prompt's completions, as GRPO) or gae (a value model and GAE, as PPO)."""
+    scale_rewards: str = "group"
+    """With advantage_estimator=group: divide by the std of the group, of the batch, or none."""
+    max_kl: float = 0.01
+    """delta: the bound on the mean per-token KL(pi_old || pi_theta) of each step."""
+    cg_iters: int = 10
+    """Conjugate-gradient iterations for the natural-gradient direction."""
+    cg_damping: float = 0.1
+    """Damping added to the Fisher matrix (F + damping I) in the conjugate gradient."""
+    backtrack_iters: int = 10
+    """Line-search steps before the update is rejected."""
+    backtrack_ratio: float = 0.5
+    """Step shrink factor of each line-search step."""
+    accept_ratio: float = 0.0
+    """Accept a line-search step only if its surrogate gain exceeds accept_ratio times the first-order prediction."""
+    vf_learning_rate: float = 1e-3
+    """AdamW learning rate of the critic (its own optimiser; the policy moves only by the TRPO step)."""
+    vf_iters: int = 4
+    """Passes of critic regression over each rollout (minibatches of per_device_train_batch_size)."""
+
+    _CHOICES = dict(RLConfig._CHOICES, **{
+        "advantage_estimator": ("group", "gae"),
+        "scale_rewards": ("group", "batch", "none"),
+    })
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_critic()
+        if self.num_generations < 1:
+            raise ConfigError(f"num_generations={self.num_generations}: must be >= 1")
+        if self.advantage_estimator == "group" and self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations}: advantage_estimator=group needs >= 2 "
+                              "(a group of one has no baseline); use advantage_estimator=gae")
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ConfigError(f"per_device_train_batch_size * gradient_accumulation_steps = {completions} "
+                              f"completions per step is not a multiple of num_generations={self.num_generations}")
+        if not self.max_kl > 0:
+            raise ConfigError(f"max_kl={self.max_kl}: must be > 0")
+        for name in ("cg_iters", "backtrack_iters", "vf_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.cg_damping < 0:
+            raise ConfigError(f"cg_damping={self.cg_damping}: must be >= 0")
+        if not 0 < self.backtrack_ratio < 1:
+            raise ConfigError(f"backtrack_ratio={self.backtrack_ratio}: must be in (0, 1)")
+        if self.accept_ratio < 0:
+            raise ConfigError(f"accept_ratio={self.accept_ratio}: must be >= 0")
+        if not self.vf_learning_rate > 0:
+            raise ConfigError(f"vf_learning_rate={self.vf_learning_rate}: must be > 0")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
 # --------------------------------------------------------------------------- coercion
@@ -360,8 +540,6 @@ def _coerce(hint, value, name: str):
             return [_coerce(item, v.strip() if isinstance(v, str) else v, name) for v in value]
         if origin in (dict, Dict):
             if isinstance(value, str):
-                import json
-
                 value = json.loads(value)
             if not isinstance(value, dict):
                 raise ValueError

@@ -20,9 +20,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .. import distributed as dist_utils
-from .base import RLTrainer, Rollout
+from ..ops import group_advantages, policy_loss, selective_log_softmax
+from . import distributed as dist_utils
+from .base import RLTrainer
 from .config import GRPOConfig
+from .rollout import Rollout
 
 __all__ = ["GRPOTrainer"]
 
@@ -37,39 +39,29 @@ class GRPOTrainer(RLTrainer):
             reward-model directory, or a list of these (summed with config.reward_weights).
         train_dataset: a datasets.Dataset or a list of dicts with "prompt" (text or chat messages);
             the other columns reach the reward functions as keyword lists.
-        config: GRPOConfig.
-        tokenizer: the policy's tokenizer (loaded from the model's path when omitted).
+        config (or TRL's name, args): GRPOConfig.
+        tokenizer (or TRL's name, processing_class): the policy's tokenizer (loaded from the model's
+            path when omitted).
         ref_model: reference policy for the KL penalty (beta > 0); default: a frozen copy of model.
         peft_config: a peft config: only the adapter is trained; the reference is the base model.
         callbacks: callables cb(trainer, metrics) -> bool called after every step; True stops training.
+        engine: the rollout engine (grpo_fast.trainer.engine.RolloutEngine); default: HF generate.
     """
 
     config_class = GRPOConfig
     algorithm = "grpo"
     update_metrics_reduced = True  # update() reduces its metrics over ranks itself, exactly
 
-    def __init__(self, model, reward_funcs, train_dataset, *, config: Optional[GRPOConfig] = None,
-                 tokenizer=None, ref_model=None, peft_config=None, callbacks=None):
-        super().__init__(model, reward_funcs, train_dataset, config=config, tokenizer=tokenizer,
-                         ref_model=ref_model, peft_config=peft_config, callbacks=callbacks)
-
-    # ------------------------------------------------------------------ hooks
-    def setup(self) -> None:
+    def __init__(self, model, reward_funcs=None, train_dataset=None, *, ref_model=None, **kwargs):
+        super().__init__(model, reward_funcs, train_dataset, **kwargs)
         cfg: GRPOConfig = self.config
-        self.build_reference_model(cfg.beta > 0)
+        self.ref_model = self.build_reference_model(cfg.beta > 0, ref_model)
+        self.wrapped_model = self.wrap_policy()
+        self.optimizer = self.build_optimizer(self.trainable_parameters())
+        self.scheduler = self.build_scheduler(self.optimizer, cfg.max_steps * cfg.num_iterations)
 
-    def prompts_per_step(self) -> int:
-        return self.config.prompts_per_step
-
-    def generations_per_prompt(self) -> int:
-        return self.config.num_generations
-
-    def updates_per_step(self) -> int:
-        return self.config.num_iterations
-
-    def compute_advantages(self, batch: Rollout) -> None:
-        from grpo_fast import group_advantages
-
+    # ------------------------------------------------------------------ advantages
+    def compute_advantages(self, batch: Rollout) -> Rollout:
         cfg: GRPOConfig = self.config
         rewards = batch.rewards
         if self.dist.enabled:  # N floats per rank; the global vector makes "batch" scaling exact
@@ -79,13 +71,23 @@ class GRPOTrainer(RLTrainer):
         if self.dist.enabled:
             N = len(batch)
             adv = adv[self.dist.rank * N:(self.dist.rank + 1) * N]
-        batch.advantages = adv.to(self.device)                                   # (N,)
+        fields = {"advantages": adv.to(self.device)}                             # (N,)
+        if cfg.mask_truncated_completions:
+            keep = (~batch.truncated).to(batch.completion_mask.dtype)[:, None]
+            fields["loss_mask"] = batch.completion_mask * keep
+        if cfg.num_iterations > 1:
+            was = self.model.training
+            self.model.eval()
+            fields["old_logps"] = self._logps(self.model, batch)
+            self.model.train(was)
+        if cfg.beta > 0:
+            with self.ref_context():
+                fields["ref_logps"] = self._logps(self.ref_model if self.ref_model is not None else self.model, batch)
+        return batch.with_fields(**fields)
 
     # ------------------------------------------------------------------ log-probs
     @torch.no_grad()
     def _logps(self, model, batch: Rollout) -> torch.Tensor:
-        from grpo_fast import selective_log_softmax
-
         mb = self.config.per_device_train_batch_size
         out = []
         for start in range(0, len(batch), mb):
@@ -94,30 +96,16 @@ class GRPOTrainer(RLTrainer):
             out.append(selective_log_softmax(logits, batch.completion_ids[rows], self.config.temperature))
         return torch.cat(out)                                                   # (N, T)
 
-    def _prepare(self, batch: Rollout) -> None:
-        cfg: GRPOConfig = self.config
-        if cfg.mask_truncated_completions:
-            batch.completion_mask = batch.completion_mask * (~batch.truncated).to(batch.completion_mask.dtype)[:, None]
-        if cfg.num_iterations > 1:
-            was = self.model.training
-            self.model.eval()
-            batch.old_logps = self._logps(self.model, batch)
-            self.model.train(was)
-        if cfg.beta > 0:
-            with self._ref_context():
-                batch.ref_logps = self._logps(self.ref_model if self.ref_model is not None else self.model, batch)
-
     # ------------------------------------------------------------------ the update
     def update(self, batch: Rollout) -> Dict[str, Any]:
         cfg: GRPOConfig = self.config
-        self._prepare(batch)
         self.model.train()
         N = len(batch)
         mb = cfg.per_device_train_batch_size
         # this rank's micro-batches: gradient_accumulation_steps on one process, fewer when the
         # step's global batch is split over ranks (DDP's gradient average restores the global mean)
         n_micro = math.ceil(N / mb)
-        mask = batch.completion_mask
+        mask = batch.mask
         # dapo: one normaliser for all micro-batches of the optimiser step (their total token count,
         # over all ranks; divided by the world size because the ranks' gradients are averaged)
         num_items = None
@@ -173,10 +161,8 @@ class GRPOTrainer(RLTrainer):
         return metrics
 
     def _micro_loss(self, batch: Rollout, rows: slice, num_items, n_micro: int):
-        from grpo_fast import policy_loss
-
         cfg: GRPOConfig = self.config
-        mask = batch.completion_mask
+        mask = batch.mask
         logits = self.forward_logits(self.wrapped_model, batch, rows)            # (mb, T, V)
         out = policy_loss(
             logits, batch.completion_ids[rows], batch.advantages[rows], mask[rows],

@@ -6,6 +6,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
+from tqdm.auto import tqdm
+
 # what the progress bar shows, in order: metric key -> short label
 _BAR = [("reward", "reward"), ("kl", "kl"), ("entropy", "ent"), ("completion_length", "len"),
         ("tokens_per_s", "tok/s")]
@@ -44,8 +46,6 @@ class MetricsTracker:
                 self._tb = None
         self._bar = None
         if not disable_tqdm:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=max_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def log(self, metrics: Dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m grpo_fast train ...            # DDP (default)
     torchrun --nproc_per_node 8 -m grpo_fast train --distributed fsdp2
 
-Layout (DESIGN.md "Scale-out"): every rank owns whole prompt groups. The prompt sampler draws
+Layout (docs/design.md, "Trainers"): every rank owns whole prompt groups. The prompt sampler draws
 the same global list of prompts on every rank and rank r keeps the r-th contiguous slice, so a
 group's G completions are generated, scored and given advantages on one rank. Everything that
 needs the global batch (batch-std reward scaling, the dapo token count, metrics) goes through
@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 __all__ = ["DistContext", "init_from_env", "wrap_model", "gradient_sync", "cleanup", "decoder_layers"]
 
@@ -46,7 +51,6 @@ class DistContext:
     # ------------------------------------------------------------------ collectives
     # The tensors go through the backend's device: gloo takes CPU tensors, nccl CUDA ones.
     def _comm_device(self) -> torch.device:
-        import torch.distributed as dist
 
         if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
@@ -56,7 +60,6 @@ class DistContext:
         """Concatenate a tensor of the same shape from every rank along dim 0, in rank order."""
         if not self.enabled:
             return t
-        import torch.distributed as dist
 
         x = t.detach().to(self._comm_device()).contiguous()
         out = [torch.empty_like(x) for _ in range(self.world_size)]
@@ -67,7 +70,6 @@ class DistContext:
         """Element-wise sum / max / min over ranks (returns a new tensor on t's device)."""
         if not self.enabled:
             return t
-        import torch.distributed as dist
 
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         x = t.detach().to(self._comm_device()).clone()
@@ -83,7 +85,6 @@ class DistContext:
     def all_gather_object(self, obj: Any) -> List[Any]:
         if not self.enabled:
             return [obj]
-        import torch.distributed as dist
 
         out: List[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
@@ -92,7 +93,6 @@ class DistContext:
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.enabled:
             return obj
-        import torch.distributed as dist
 
         box = [obj]
         dist.broadcast_object_list(box, src=src)
@@ -100,8 +100,7 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
+    
             dist.barrier()
 
     def any(self, flag: bool) -> bool:
@@ -130,7 +129,6 @@ def init_from_env(mode: str = "ddp", timeout_s: int = 1800) -> DistContext:
     nccl when CUDA is available, else gloo; each rank's CUDA device is cuda:LOCAL_RANK. A world of
     one process (plain python, or torchrun --nproc_per_node 1) gets a context with mode "none".
     """
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_available() and dist.is_initialized():
@@ -158,7 +156,6 @@ def init_from_env(mode: str = "ddp", timeout_s: int = 1800) -> DistContext:
 
 def cleanup(ctx: Optional[DistContext]) -> None:
     """Destroy the process group if init_from_env created it."""
-    import torch.distributed as dist
 
     if ctx is not None and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
@@ -175,9 +172,8 @@ def decoder_layers(model) -> List[torch.nn.Module]:
     return []
 
 
-def _broadcast_module(model, src: int = 0) -> None:
+def broadcast_module(model, src: int = 0) -> None:
     """Make every rank's parameters and buffers rank src's (FSDP2, unlike DDP, does not)."""
-    import torch.distributed as dist
 
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
@@ -200,21 +196,18 @@ def wrap_model(model, ctx: DistContext):
     if not ctx.enabled:
         return model
     if ctx.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = next(model.parameters()).device
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
         # buffers (rotary frequencies) are the same everywhere: synced once at construction, not
         # before every forward (the keyword was broadcast_buffers before torch 2.13)
-        import inspect
 
         sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters \
             else "broadcast_buffers"
         return DDP(model, **{sync_kw: False}, **kw)
     if ctx.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
 
-        _broadcast_module(model)
+        broadcast_module(model)
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
@@ -254,8 +247,6 @@ def average_gradients(params: Sequence[torch.Tensor], ctx: DistContext) -> None:
     """
     if not ctx.enabled:
         return
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     plain = [p for p in params if not hasattr(p, "full_tensor")]
     for p in plain:

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def flat_grad(output: Tensor, params: Sequence[Tensor], *, create_graph: bool = False) -> Tensor:
@@ -102,8 +103,6 @@ _SDPA_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _double_backward_attention():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with _SDPA_LOCK, sdpa_kernel([SDPBackend.MATH]):
         yield
 

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Dict, List, Optional
 
-from .trainer.tracking import read_metrics
+from .tracking import read_metrics
 
 # the curves of the overview grid, in order
 OVERVIEW = ["reward", "kl", "entropy", "completion_length", "clip_ratio_region", "loss", "grad_norm",

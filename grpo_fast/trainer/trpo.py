@@ -3,13 +3,13 @@
 Per step:
   rollout     N completions (num_generations per prompt)
   advantages  advantage_estimator="group": group_advantages (as GRPO), one value per completion;
-              "gae": a separate critic (grpo_fast.value_model.ValueModel) gives values at
+              "gae": a separate critic (grpo_fast.trainer.critic.ValueModel) gives values at
               rollout time, GAE over token rewards (the sequence reward on the last token),
               optional whitening; the critic is then fitted to the returns by regression with its
               own AdamW (vf_learning_rate, vf_iters passes)
   old policy  the full next-token distribution log_softmax(logits / temperature) of every
               completion token, stored at rollout time (eval mode, detached)
-  step        grpo_fast.natural_gradient.trpo_step over trainable_parameters() (the adapter only
+  step        grpo_fast.rl.trpo_step over trainable_parameters() (the adapter only
               under peft):  maximise  L(θ) = Σ m·ρ·A / Σ m   subject to
               KL̄(θ) = Σ_t m_t · KL(π_old(·|s_t) || π_θ(·|s_t)) / Σ m  <=  max_kl,
               ρ = π_θ(a_t|s_t) / π_old(a_t|s_t); conjugate gradient on Fisher-vector products
@@ -43,98 +43,24 @@ gae also value_loss, explained_variance, return_mean, value_mean.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 
+from ..ops import gae, group_advantages, selective_log_softmax
+from ..rl import explained_variance, masked_mean, masked_var, masked_whiten, token_rewards, trpo_step
 from . import distributed as dist_utils
-from .trainer.base import RLTrainer, Rollout, _set_dropout_zero
-from .trainer.config import ConfigError, RLConfig
-from .ppo import critic_values, explained_variance, masked_mean, masked_var, masked_whiten, token_rewards
-from .value_model import ValueModel, build_value_model
+from .base import RLTrainer
+from .checkpoint import quiet_progress
+from .config import ConfigError, TRPOConfig
+from .critic import Critic
+from .rollout import Rollout
 
 __all__ = ["TRPOConfig", "TRPOTrainer"]
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
-
-
-@dataclass
-class TRPOConfig(RLConfig):
-    """Configuration of TRPOTrainer (names from Schulman et al. 2015)."""
-
-    output_dir: str = "runs/trpo"
-    """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
-    num_generations: int = 8
-    """Completions sampled per prompt (the group of the group baseline; may be 1 with advantage_estimator=gae)."""
-    advantage_estimator: str = "group"
-    """Advantages: group (group_advantages over each prompt's completions, as GRPO) or gae (a value model and GAE, as PPO)."""
-    scale_rewards: str = "group"
-    """With advantage_estimator=group: divide by the std of the group, of the batch, or none."""
-    max_kl: float = 0.01
-    """delta: the bound on the mean per-token KL(pi_old || pi_theta) of each step."""
-    cg_iters: int = 10
-    """Conjugate-gradient iterations for the natural-gradient direction."""
-    cg_damping: float = 0.1
-    """Damping added to the Fisher matrix (F + damping I) in the conjugate gradient."""
-    backtrack_iters: int = 10
-    """Line-search steps before the update is rejected."""
-    backtrack_ratio: float = 0.5
-    """Step shrink factor of each line-search step."""
-    accept_ratio: float = 0.0
-    """Accept a line-search step only if its surrogate gain exceeds accept_ratio times the first-order prediction."""
-    gamma: float = 1.0
-    """Discount factor of GAE (advantage_estimator=gae)."""
-    lam: float = 0.95
-    """GAE lambda (advantage_estimator=gae)."""
-    whiten_advantages: bool = True
-    """With gae: normalise the advantages to mean 0, std 1 over the rollout's completion tokens."""
-    value_model: Optional[str] = None
-    """Critic with gae: a local path (ValueModel.save_pretrained directory or any model's trunk); None: a copy of the policy with a fresh head."""
-    vf_learning_rate: float = 1e-3
-    """AdamW learning rate of the critic (its own optimiser; the policy moves only by the TRPO step)."""
-    vf_iters: int = 4
-    """Passes of critic regression over each rollout (minibatches of per_device_train_batch_size)."""
-
-    _CHOICES = dict(RLConfig._CHOICES, **{
-        "advantage_estimator": ("group", "gae"),
-        "scale_rewards": ("group", "batch", "none"),
-    })
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_generations < 1:
-            raise ConfigError(f"num_generations={self.num_generations}: must be >= 1")
-        if self.advantage_estimator == "group" and self.num_generations < 2:
-            raise ConfigError(f"num_generations={self.num_generations}: advantage_estimator=group needs >= 2 "
-                              "(a group of one has no baseline); use advantage_estimator=gae")
-        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if completions % self.num_generations:
-            raise ConfigError(f"per_device_train_batch_size * gradient_accumulation_steps = {completions} "
-                              f"completions per step is not a multiple of num_generations={self.num_generations}")
-        if not self.max_kl > 0:
-            raise ConfigError(f"max_kl={self.max_kl}: must be > 0")
-        for name in ("cg_iters", "backtrack_iters", "vf_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.cg_damping < 0:
-            raise ConfigError(f"cg_damping={self.cg_damping}: must be >= 0")
-        if not 0 < self.backtrack_ratio < 1:
-            raise ConfigError(f"backtrack_ratio={self.backtrack_ratio}: must be in (0, 1)")
-        if self.accept_ratio < 0:
-            raise ConfigError(f"accept_ratio={self.accept_ratio}: must be >= 0")
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
-        if not self.vf_learning_rate > 0:
-            raise ConfigError(f"vf_learning_rate={self.vf_learning_rate}: must be > 0")
-
-    @property
-    def rollout_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
 class TRPOTrainer(RLTrainer):
@@ -148,80 +74,54 @@ class TRPOTrainer(RLTrainer):
             whose trunk gets a fresh head, or a local path); default: a copy of the policy.
         ref_model: unused (TRPO's constraint is to the rollout policy); accepted for a uniform API.
 
-    The policy is updated only by the TRPO step; the AdamW the base trainer builds over the policy
-    parameters is never stepped. The critic (gae) has its own AdamW; both its weights and its
+    The policy is updated only by the TRPO step (no policy optimiser or scheduler is built). The critic (gae) has its own AdamW; both its weights and its
     optimiser state are in every checkpoint, and it is saved to OUTPUT_DIR/final/value_model.
     """
 
     config_class = TRPOConfig
     algorithm = "trpo"
 
-    def __init__(self, model, reward_funcs, train_dataset, *, config: Optional[TRPOConfig] = None,
-                 tokenizer=None, ref_model=None, peft_config=None, value_model=None, callbacks=None):
-        self._user_value_model = value_model
-        super().__init__(model, reward_funcs, train_dataset, config=config, tokenizer=tokenizer,
-                         ref_model=ref_model, peft_config=peft_config, callbacks=callbacks)
-
-    # ------------------------------------------------------------------ hooks
-    def setup(self) -> None:
+    def __init__(self, model, reward_funcs=None, train_dataset=None, *, ref_model=None, value_model=None, **kwargs):
+        super().__init__(model, reward_funcs, train_dataset, **kwargs)
         cfg: TRPOConfig = self.config
-        dist = getattr(self, "dist", None)
-        if dist is not None and dist.enabled:
-            # the step forwards through self.model and averages g, the Fisher products and the
-            # line-search scalars itself (DDP's wrapper only broadcasts the initial weights); FSDP2
-            # would shard the parameters the flat natural-gradient vectors are built from
-            if dist.mode != "ddp":
-                raise ConfigError(f"TRPOTrainer under torchrun supports distributed=ddp, not {dist.mode!r}: "
-                                  "the natural-gradient step works on full (unsharded) parameters")
-            if cfg.advantage_estimator == "gae" and cfg.per_device_train_batch_size % dist.world_size:
-                raise ConfigError(f"per_device_train_batch_size={cfg.per_device_train_batch_size} (the critic's "
-                                  f"regression minibatch) cannot be split evenly over {dist.world_size} processes")
-        self._user_ref_model = None
-        self.value_model: Optional[ValueModel] = None
+        if self.dist.enabled and cfg.advantage_estimator == "gae" and cfg.per_device_train_batch_size % self.dist.world_size:
+            raise ConfigError(f"per_device_train_batch_size={cfg.per_device_train_batch_size} (the critic's "
+                              f"regression minibatch) cannot be split evenly over {self.dist.world_size} processes")
+        # the step forwards through self.model and averages g, the Fisher products and the line-search
+        # scalars itself: no DDP wrapper (FSDP2 would shard the parameters the flat vectors are built from)
+        self.replicate_policy()
+        self.critic: Optional[Critic] = None
         self.vf_optimizer = None
         if cfg.advantage_estimator == "gae":
-            spec = self._user_value_model if self._user_value_model is not None else cfg.value_model
-            self.value_model = build_value_model(spec, self.model).to(self.device)
-            if dist is not None and dist.enabled:  # the same critic on every rank (its trunk may come
-                dist_utils._broadcast_module(self.value_model)  # from a policy not yet broadcast by DDP)
-            if cfg.disable_dropout:
-                _set_dropout_zero(self.value_model)
-            self.vf_optimizer = torch.optim.AdamW(
-                [p for p in self.value_model.parameters() if p.requires_grad], lr=cfg.vf_learning_rate,
-                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self._user_value_model = None
+            self.critic = Critic(self.model, value_model if value_model is not None else cfg.value_model,
+                                 device=self.device, disable_dropout=cfg.disable_dropout, dist=self.dist)
+            self.vf_optimizer = self.build_optimizer(self.critic.parameters(), lr=cfg.vf_learning_rate)
+        # the policy moves only by the natural-gradient step: no policy optimiser, no scheduler
         self.steps_accepted = 0
         self.steps_tried = 0
 
-    def prompts_per_step(self) -> int:
-        return self.config.rollout_size // self.config.num_generations
-
-    def generations_per_prompt(self) -> int:
-        return self.config.num_generations
-
     def extra_state(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"steps_accepted": self.steps_accepted, "steps_tried": self.steps_tried}
-        if self.value_model is not None:
-            state["critic"] = {k: v.detach().cpu().clone() for k, v in self.value_model.state_dict().items()}
+        if self.vf_optimizer is not None:
             state["vf_optimizer"] = self.vf_optimizer.state_dict()
         return state
 
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
+    def save_extra_files(self, directory: str) -> None:
+        if self.critic is not None:
+            self.critic.save(directory)
+
+    def load_extra_state(self, state: Dict[str, Any], path: str) -> None:
         self.steps_accepted = int(state.get("steps_accepted", 0))
         self.steps_tried = int(state.get("steps_tried", 0))
-        if self.value_model is not None:
-            if "critic" not in state:
-                raise ValueError("checkpoint has no value model state (written with advantage_estimator=group?)")
-            self.value_model.load_state_dict(state["critic"])
+        if self.critic is not None:
+            self.critic.load(path, legacy_state=state.get("critic"))
             self.vf_optimizer.load_state_dict(state["vf_optimizer"])
 
     def save_final(self) -> str:
         path = super().save_final()
-        if self.value_model is not None:
-            from .trainer.checkpoint import quiet_progress
-
+        if self.critic is not None and self.dist.is_main:
             with quiet_progress():
-                self.value_model.save_pretrained(os.path.join(path, "value_model"))
+                self.critic.save_final(path)
         return path
 
     # ------------------------------------------------------------------ advantages
@@ -230,10 +130,8 @@ class TRPOTrainer(RLTrainer):
         return [slice(s, s + mb) for s in range(0, n, mb)]
 
     @torch.no_grad()
-    def _old_policy(self, batch: Rollout) -> None:
+    def _old_policy(self, batch: Rollout) -> Rollout:
         """Store the rollout policy's log_softmax over V (N, T, V) and its token logps (N, T)."""
-        from grpo_fast import selective_log_softmax
-
         was = self.model.training
         self.model.eval()
         full, logps = [], []
@@ -245,30 +143,24 @@ class TRPOTrainer(RLTrainer):
             logps.append(selective_log_softmax(logits, batch.completion_ids[rows], self.config.temperature))
         self.model.train(was)
         batch.extras["old_log_softmax"] = torch.cat(full)                       # (N, T, V)
-        batch.old_logps = torch.cat(logps)                                      # (N, T)
+        return batch.with_fields(old_logps=torch.cat(logps))                    # (N, T)
 
-    def compute_advantages(self, batch: Rollout) -> None:
+    def compute_advantages(self, batch: Rollout) -> Rollout:
         cfg: TRPOConfig = self.config
-        mask = batch.completion_mask
-        nan = torch.isnan(batch.rewards).to(mask.device)
-        drop = nan if not cfg.mask_truncated_completions else nan | batch.truncated.to(mask.device)
-        if drop.any():  # no reward (or masked truncation): out of the surrogate and the KL
-            batch.completion_mask = mask = mask * (~drop).to(mask.dtype)[:, None]
-        self._old_policy(batch)
+        # no reward (or masked truncation): out of the surrogate and the KL
+        mask = batch.mask_without(batch.dropped(cfg.mask_truncated_completions))
+        batch = batch.with_fields(loss_mask=mask)
+        batch = self._old_policy(batch)
         metrics: Dict[str, float] = {}
         if cfg.advantage_estimator == "group":
-            from grpo_fast import group_advantages
-
             rewards = batch.rewards
             if self.dist.enabled:  # the global reward vector: scale_rewards="batch" uses the global std
                 rewards = self.dist.all_gather(rewards)
             adv = group_advantages(rewards, batch.group_size, scale=cfg.scale_rewards)
             if self.dist.enabled:
                 adv = adv[self.dist.rank * len(batch):(self.dist.rank + 1) * len(batch)]
-            batch.advantages = adv.to(self.device)[:, None] * mask.to(torch.float32)   # (N, T)
+            batch = batch.with_fields(advantages=adv.to(self.device)[:, None] * mask.to(torch.float32))  # (N, T)
         else:
-            from grpo_fast import gae
-
             scores = torch.nan_to_num(batch.rewards, nan=0.0).to(self.device)
             values = self._values(batch) * mask.to(torch.float32)              # (N, T)
             rewards = token_rewards(scores, mask)
@@ -278,26 +170,17 @@ class TRPOTrainer(RLTrainer):
             metrics["advantage_std"] = float(masked_var(advantages, mask).sqrt())
             metrics["explained_variance"] = explained_variance(values, returns, mask)
             if cfg.whiten_advantages:
-                advantages = self._whiten(advantages, mask)
-            batch.advantages = advantages
+                advantages = masked_whiten(advantages, mask,
+                                           sum_floats=self.dist.sum_floats if self.dist.enabled else None)
+            batch = batch.with_fields(advantages=advantages)
             batch.extras["returns"] = returns
         batch.extras["metrics"] = metrics
-
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """masked_whiten; under torchrun with the mean and variance of all ranks' tokens."""
-        if not self.dist.enabled:
-            return masked_whiten(x, mask)
-        m = mask.to(x.dtype)
-        n, total = self.dist.sum_floats([float(m.sum()), float((x * m).sum())])
-        mean = total / max(n, 1.0)
-        sq = self.dist.sum_floats([float((((x - mean) ** 2) * m).sum())])[0]
-        var = sq / max(n - 1.0, 1.0)
-        return (x - mean) * (var + 1e-8) ** -0.5 * m
+        return batch
 
     def _token_denominator(self, batch: Rollout):
         """Σ m of the rollout; under torchrun the GLOBAL Σ m / world size (cached; a collective), so
         that the average over ranks of (local sum / this) is the global token mean."""
-        mask = batch.completion_mask.to(torch.float32)
+        mask = batch.mask.to(torch.float32)
         if not self.dist.enabled:
             return mask.sum().clamp(min=1)
         if "global_tokens" not in batch.extras:
@@ -310,20 +193,18 @@ class TRPOTrainer(RLTrainer):
 
     @torch.no_grad()
     def _values(self, batch: Rollout) -> torch.Tensor:
-        was = self.value_model.training
-        self.value_model.eval()
-        values = torch.cat([critic_values(self.value_model, batch, rows).float()
-                            for rows in self._micro_batches(len(batch))])
-        self.value_model.train(was)
+        critic = self.critic.model
+        was = critic.training
+        critic.eval()
+        values = torch.cat([self.critic.values(batch, rows).float() for rows in self._micro_batches(len(batch))])
+        critic.train(was)
         return values
 
     # ------------------------------------------------------------------ surrogate and KL
     def surrogate(self, batch: Rollout) -> torch.Tensor:
         """L(θ) = Σ m·ρ·A / Σ m over the rollout (differentiable when grad is enabled); under
         torchrun this rank's share, Σ_local / (global Σ m / world size)."""
-        from grpo_fast import selective_log_softmax
-
-        mask = batch.completion_mask.to(torch.float32)
+        mask = batch.mask.to(torch.float32)
         total = self._token_denominator(batch)
         out = 0.0
         for rows in self._micro_batches(len(batch)):
@@ -339,7 +220,7 @@ class TRPOTrainer(RLTrainer):
         Plain torch log_softmax (twice differentiable, for the Fisher-vector products). Under
         torchrun this rank's share, normalised as the surrogate.
         """
-        mask = batch.completion_mask.to(torch.float32)
+        mask = batch.mask.to(torch.float32)
         total = self._token_denominator(batch)
         old_all = batch.extras["old_log_softmax"]
         out = 0.0
@@ -353,8 +234,6 @@ class TRPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ the update
     def update(self, batch: Rollout) -> Dict[str, Any]:
-        from .natural_gradient import trpo_step
-
         cfg: TRPOConfig = self.config
         params = self.trainable_parameters()
         was = self.model.training
@@ -372,7 +251,7 @@ class TRPOTrainer(RLTrainer):
         self.steps_tried += 1
         self.steps_accepted += int(res.accepted)
         old = batch.extras["old_log_softmax"]
-        m = batch.completion_mask
+        m = batch.mask
         entropy = -(old.exp() * old).sum(-1)                                    # (N, T)
         # under torchrun every metric is this rank's share of the global value (the step's are the same
         # on every rank), so the base trainer's plain mean over ranks gives the global values
@@ -385,7 +264,7 @@ class TRPOTrainer(RLTrainer):
             "expected_gain": res.expected_gain, "step_norm": res.step_norm,
             "entropy": ent,
         }
-        if self.value_model is not None:
+        if self.critic is not None:
             metrics["value_loss"] = self._fit_critic(batch)
         return metrics
 
@@ -396,21 +275,22 @@ class TRPOTrainer(RLTrainer):
         same number of minibatches as one process), the loss is normalised by the minibatch's global
         token count / W and the gradients are averaged; the loss returned is this rank's share."""
         cfg: TRPOConfig = self.config
-        mask = batch.completion_mask
+        mask = batch.mask
         returns = batch.extras["returns"]
         params = [p for g in self.vf_optimizer.param_groups for p in g["params"]]
-        self.value_model.train()
+        critic = self.critic.model
+        critic.train()
         losses = []
         W = self.dist.world_size
         N, mb = len(batch), cfg.per_device_train_batch_size // W
         for _ in range(cfg.vf_iters):
-            order = torch.randperm(N).to(mask.device)  # global RNG: checkpointed, so resume is exact
+            order = torch.randperm(N, generator=self.rng.generator).to(mask.device)  # the trainer's generator
             for start in range(0, N, mb):
                 rows = order[start:start + mb]
                 m = mask[rows].to(torch.float32)
                 denom = m.sum().clamp(min=1) if not self.dist.enabled \
                     else max(self.dist.sum_floats([float(m.sum())])[0], 1.0) / W
-                values = critic_values(self.value_model, batch, rows)          # (n, T)
+                values = self.critic.values(batch, rows)                       # (n, T)
                 loss = 0.5 * (((values - returns[rows]) ** 2) * m).sum() / denom
                 self.vf_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
