@@ -43,10 +43,12 @@ def parts():
 def make_config(out, **kw):
     from grpo_fast.trainer import GRPOConfig
 
+    # adam_epsilon 1e-4: Adam's first step is nearly sign(g), so with eps 1e-8 a gradient entry at
+    # float-noise level (1e-11) moves a weight by ~lr * 1e-3 depending on the reduction order
     values = dict(output_dir=out, learning_rate=1e-2, lr_scheduler_type="constant", max_steps=1,
                   per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=G,
                   max_prompt_length=16, max_completion_length=T, save_steps=0, seed=0, disable_tqdm=True,
-                  plot=False, save_final_model=False, report_to="none")
+                  plot=False, save_final_model=False, report_to="none", adam_epsilon=1e-4)
     values.update(kw)
     return GRPOConfig(**values)
 

@@ -208,8 +208,7 @@ class TRPOTrainer(RLTrainer):
         total = self._token_denominator(batch)
         out = 0.0
         for rows in self._micro_batches(len(batch)):
-            logits = self.forward_logits(self.model, batch, rows)              # (n, T, V)
-            logps = selective_log_softmax(logits, batch.completion_ids[rows], self.config.temperature)
+            logps = self.token_logps(self.model, batch, rows)                  # (n, T), fused head if any
             ratio = torch.exp(logps - batch.old_logps[rows])                   # (n, T)
             out = out + (ratio * batch.advantages[rows] * mask[rows]).sum()
         return out / total
