@@ -129,6 +129,21 @@ def _empty_phase1(logits: Tensor, token_ids: Tensor):
     return z, z
 
 
+def _check_weights(w, ref) -> None:
+    """importance_weights: None, or a float (B, T) / (B, 1) tensor on ref's device."""
+    if w is None:
+        return
+    if not isinstance(w, Tensor):
+        raise TypeError(f"importance_weights must be a torch.Tensor or None, got {type(w).__name__}")
+    B, T = ref.shape[:2]
+    if tuple(w.shape) not in ((B, T), (B, 1)):
+        raise ValueError(f"importance_weights has shape {_shape(w)}, expected (B, T) = ({B}, {T}) or (B, 1) = ({B}, 1)")
+    if w.device != ref.device:
+        raise ValueError(f"importance_weights is on {w.device}, expected {ref.device}")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"importance_weights must be a floating-point tensor, got {w.dtype}")
+
+
 def _check_temperature(temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
@@ -312,6 +327,9 @@ def _policy_loss_from_logps(
         thr = _entropy_threshold(entropy, m, 1.0 - opt.top_entropy_quantile, opt.entropy_gather)
         high_h = (entropy.detach() >= thr) & m
         per_token = per_token * high_h
+    if opt.importance_weights is not None:
+        # the engine / trainer mismatch correction (TRL: vllm_importance_sampling_correction)
+        per_token = per_token * opt.importance_weights.detach().to(f32)
 
     kl = None
     if ref_logps is not None:
@@ -409,6 +427,7 @@ def policy_loss(
     sampling_logps: Optional[Tensor] = None,
     entropy_gather=None,
     gradient_accumulation_steps: int = 1,
+    importance_weights: Optional[Tensor] = None,
 ) -> PolicyLossOutput:
     """The GRPO / PPO clipped-surrogate loss (and CISPO, SAPO) straight from the logits.
 
@@ -443,6 +462,8 @@ def policy_loss(
         entropy_gather: under torch.distributed, gathers the (B*T,) entropies (NaN = masked) of
             every rank, so the entropy quantile is over all ranks' tokens, as in TRL.
         gradient_accumulation_steps: micro-batches whose losses the caller sums for one step.
+        importance_weights: (B, T) or (B, 1) detached weights multiplying the policy-gradient
+            term (TRL's vLLM importance-sampling correction; grpo_fast.rl.rollout_importance_weights).
 
     Returns:
         PolicyLossOutput(loss, logps, kl, entropy, clip_ratio_low, clip_ratio_high,
@@ -469,6 +490,7 @@ def policy_loss(
     _check_bt("old_logps", old_logps, logits)
     _check_bt("ref_logps", ref_logps, logits)
     _check_bt("sampling_logps", sampling_logps, logits)
+    _check_weights(importance_weights, logits)
     opt = LossOptions(
         loss_type=loss_type,
         beta=beta,
@@ -490,6 +512,7 @@ def policy_loss(
         sampling_logps=sampling_logps,
         entropy_gather=entropy_gather,
         gradient_accumulation_steps=gradient_accumulation_steps,
+        importance_weights=importance_weights,
     )
     if opt.beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={opt.beta} needs ref_logps (the reference model's log-probs), got None")

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from . import _fused_ops  # noqa: F401  (registers the custom ops)
-from .functional import PolicyLossOutput, _check_temperature, _policy_loss_from_logps, _shape
+from .functional import (PolicyLossOutput, _check_mask, _check_temperature, _check_weights,
+                         _policy_loss_from_logps, _shape)
 from .options import LossOptions
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -255,9 +256,11 @@ def policy_loss_from_hidden(
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     _check_bt("advantages", advantages, hidden, allow_b=True)
-    _check_bt("mask", mask, hidden, integer_ok=True)
+    _check_mask(mask, hidden)  # the same rules as policy_loss: 0/1 only
     _check_bt("old_logps", old_logps, hidden)
     _check_bt("ref_logps", ref_logps, hidden)
+    _check_bt("sampling_logps", options.get("sampling_logps"), hidden)
+    _check_weights(options.get("importance_weights"), hidden)
     opt = _loss_options(options, ref_logps)
 
     logp, _, entropy = _phase1(hidden, weight, bias, token_ids, opt.temperature, logit_scale,

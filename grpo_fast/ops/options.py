@@ -49,7 +49,8 @@ def _check_positive_tensor(name: str, n) -> None:
 class LossOptions:
     """Everything about the loss beyond phase 2's positional (B, T) inputs. Field meanings and
     defaults follow TRL 1.16's GRPOConfig where it has the field (docs/losses.md). Two fields may
-    hold tensors: num_items_in_batch (a scalar) and sampling_logps (B, T)."""
+    hold tensors: num_items_in_batch (a scalar), sampling_logps (B, T) and importance_weights
+    (B, T) or (B, 1)."""
 
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (docs/losses.md)
     beta: float = 0.0  # KL coefficient (needs ref_logps when != 0)
@@ -71,6 +72,10 @@ class LossOptions:
     off_policy_mask_threshold: Optional[float] = None  # drop A < 0 sequences whose mean KL(sampling||pi) > this
     # per-token log-probs of the sampling engine (B, T), for off_policy_mask_threshold; old_logps when None
     sampling_logps: Optional[Any] = field(default=None, compare=False)
+    # detached per-token (B, T) or per-sequence (B, 1) weights multiplying the policy-gradient term
+    # (after its masks, before the KL term): TRL's vLLM importance-sampling correction of the
+    # rollout-engine / trainer mismatch (grpo_fast.rl.rollout_importance_weights)
+    importance_weights: Optional[Any] = field(default=None, compare=False)
     # under torch.distributed: maps this rank's (B*T,) entropies, NaN at masked tokens, to the concatenation
     # of every rank's (NaN allowed), so the top_entropy_quantile threshold is over all ranks, as in TRL
     entropy_gather: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
