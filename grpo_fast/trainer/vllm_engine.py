@@ -255,10 +255,7 @@ def _preserved_process_state():
     set_threads = torch.set_num_threads
     rng = torch.random.get_rng_state()
     py_rng = random.getstate()
-    try:
-        np_rng = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        np, np_rng = None, None
+    np_rng = np.random.get_state()
     env = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
     try:
         yield
@@ -267,8 +264,7 @@ def _preserved_process_state():
         set_threads(threads)
         torch.random.set_rng_state(rng)
         random.setstate(py_rng)
-        if np is not None:
-            np.random.set_state(np_rng)
+        np.random.set_state(np_rng)
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
