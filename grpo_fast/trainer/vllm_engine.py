@@ -376,6 +376,13 @@ class VLLMColocateEngine(RolloutEngine):
             self._asleep = True
         return out
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The sampling-seed generator, for checkpoints (a resumed run draws the same seeds)."""
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._gen.set_state(state["generator"])
+
     def _wake(self):
         if self._asleep:
             self.llm.wake_up()
@@ -511,6 +518,12 @@ class VLLMServerEngine(RolloutEngine):
             shutil.rmtree(self._current, ignore_errors=True)
         self._current = path
         self.last_sync_seconds = time.perf_counter() - t0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._gen.set_state(state["generator"])
 
     def reset_prefix_cache(self) -> None:
         self._request("/reset_prefix_cache", {})
