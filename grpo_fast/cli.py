@@ -24,10 +24,10 @@ import typing
 from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
-import yaml
 
 from . import demo, rewards
-from .trainer import ConfigError, RewardFunctionError
+from .trainer import ConfigError, CorruptCheckpointError, NonFiniteUpdateError, RewardFunctionError
+from .trainer.config import load_yaml
 from .trainer.plot import plot_run
 
 # algorithm -> (module, config class, trainer class)
@@ -63,7 +63,9 @@ def load_algorithm(name: str):
 
 
 def _field_parser(config_cls) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="grpo-fast train", add_help=False, argument_default=argparse.SUPPRESS)
+    # allow_abbrev=False: an option matches a field exactly, as a YAML key does (--learning matches nothing)
+    p = argparse.ArgumentParser(prog="grpo-fast train", add_help=False, argument_default=argparse.SUPPRESS,
+                                allow_abbrev=False)
     docs = config_cls.field_help()
     hints = typing.get_type_hints(config_cls)
     for name in config_cls.field_names():
@@ -86,23 +88,20 @@ def _field_parser(config_cls) -> argparse.ArgumentParser:
 
 def parse_train_args(argv: List[str]):
     """-> (algorithm, config class, trainer class, dict of values from YAML + command line)."""
-    pre = argparse.ArgumentParser(prog="grpo-fast train", add_help=False)
+    pre = argparse.ArgumentParser(prog="grpo-fast train", add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--algorithm", default=None)
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
     values: Dict[str, Any] = {}
     if known.config:
-        with open(known.config) as fh:
-            values = yaml.safe_load(fh) or {}
-        if not isinstance(values, dict):
-            raise CLIError(f"{known.config}: expected a mapping of field: value")
+        values = load_yaml(known.config)  # a syntax error names the file and line
     algorithm = known.algorithm or values.pop("algorithm", None) or "grpo"
     values.pop("algorithm", None)
     config_cls, trainer_cls = load_algorithm(algorithm)
     fields = _field_parser(config_cls)
     if known.help:
-        full = argparse.ArgumentParser(prog="grpo-fast train", parents=[fields],
+        full = argparse.ArgumentParser(prog="grpo-fast train", parents=[fields], allow_abbrev=False,
                                        description="Train a causal LM with RL. Without --model: the built-in demo.")
         full.add_argument("--config", help="YAML file of field: value pairs")
         full.add_argument("--algorithm", help=f"one of {', '.join(ALGORITHMS)} (default grpo)")
@@ -238,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CLIError, ConfigError) as e:
         print(f"grpo-fast: error: {e}", file=sys.stderr)
         return 2
-    except RewardFunctionError as e:
+    except (RewardFunctionError, NonFiniteUpdateError, CorruptCheckpointError) as e:
         print(f"grpo-fast: training stopped: {e}", file=sys.stderr)
         return 1
 

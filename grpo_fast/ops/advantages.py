@@ -208,7 +208,9 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
     Args:
         rewards: (N,) float32 or float64. Other real dtypes (int, bool, float16,
             bfloat16) are converted to float32 first. NaN marks a missing reward: it
-            is left out of every statistic and gets advantage 0.
+            is left out of every statistic and gets advantage 0. +-inf raises
+            ValueError naming the first such index (checked in eager mode; on CUDA
+            that check reads one flag back from the device).
         group_size: every group has this many consecutive rewards (N % group_size == 0).
         group_offsets: instead of group_size, variable groups as CSR offsets: int64
             (int32 is converted), shape (groups + 1,), non-decreasing from 0 to N; group
@@ -244,6 +246,12 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
         rewards = _as_real("rewards", rewards, allow_convert=True)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got {_describe(rewards)}")
+    if _direct(rewards):  # not while tracing (fake tensors have no values)
+        inf = torch.isinf(rewards)
+        if bool(inf.any()):  # an inf would zero its whole group (or, with scale="batch", the batch)
+            i = int(inf.nonzero()[0, 0])
+            raise ValueError(f"rewards[{i}] = {float(rewards[i])}: rewards must be finite "
+                             "(NaN marks a missing reward)")
     n = rewards.shape[0]
     if group_offsets is None:
         if group_size is None:

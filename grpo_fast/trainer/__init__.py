@@ -14,11 +14,13 @@
 
 Sibling trainer files never import each other; what two share lives in a module both import.
 """
-from .base import RLTrainer, RewardFunctionError
+from .base import NonFiniteUpdateError, RLTrainer, RewardFunctionError
+from .checkpoint import CorruptCheckpointError, OutputDirError
 from .config import ConfigError, GRPOConfig, PPOConfig, RLConfig, TRPOConfig
 from .grpo import GRPOTrainer
 from .ppo import PPOTrainer
 from .trpo import TRPOTrainer
 
-__all__ = ["ConfigError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RLConfig", "RLTrainer",
-           "RewardFunctionError", "TRPOConfig", "TRPOTrainer"]
+__all__ = ["ConfigError", "CorruptCheckpointError", "GRPOConfig", "GRPOTrainer", "NonFiniteUpdateError",
+           "OutputDirError", "PPOConfig", "PPOTrainer", "RLConfig", "RLTrainer", "RewardFunctionError", "TRPOConfig",
+           "TRPOTrainer"]

@@ -18,15 +18,20 @@ and, when it keeps more state than the policy and its optimiser:
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import copy
+import functools
+import inspect
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainerCallback, TrainerControl, TrainerState
 
 from ..rewards import RewardModel
 from . import checkpoint as ckpt
@@ -43,6 +48,52 @@ __all__ = ["RLTrainer", "RewardFunctionError", "TrainerRNG", "resolve_alias"]
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised or returned something unusable; names the function and the sample."""
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """config.max_consecutive_nonfinite updates in a row had a non-finite loss or gradient norm."""
+
+
+def is_async_callable(f) -> bool:
+    """`async def` functions, partials of them, and objects whose __call__ is `async def`."""
+    while isinstance(f, functools.partial):
+        f = f.func
+    return inspect.iscoroutinefunction(f) or inspect.iscoroutinefunction(getattr(f, "__call__", None))
+
+
+class _AsyncRunner:
+    """Awaits reward coroutines concurrently (asyncio.gather) on a private event loop: in this
+    thread, or in a worker thread when this thread already runs a loop (Jupyter, async apps),
+    where run_until_complete would fail. The loop lives as long as the trainer, so clients bound
+    to it (an httpx.AsyncClient made inside a reward function) keep working from step to step."""
+
+    def __init__(self):
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def gather(self, awaitables: List[Any]) -> List[Any]:
+        """Results (or the exception each raised), in order."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+
+        async def _all():
+            return await asyncio.gather(*awaitables, return_exceptions=True)
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._loop.run_until_complete(_all())
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grpo_fast-rewards")
+        return self._pool.submit(self._loop.run_until_complete, _all()).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
 
 class TrainerRNG:
@@ -134,6 +185,8 @@ class RLTrainer:
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"config: expected {self.config_class.__name__}, got {type(self.config).__name__}")
         cfg = self.config
+        # a folder we cannot write to fails now, not after the model has loaded and a step has run
+        ckpt.check_writable(cfg.output_dir)
         # torchrun with WORLD_SIZE > 1: join the process group (a plain run gets a world of one)
         self.dist = dist_utils.init_from_env(cfg.distributed, cfg.ddp_timeout)
         W = self.dist.world_size
@@ -177,6 +230,22 @@ class RLTrainer:
             self.model, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             device=self.device, synced_gpus=self.dist.enabled and self.dist.mode == "fsdp2")
         self.callbacks = list(callbacks or [])
+        for cb in self.callbacks:
+            if isinstance(cb, type) and issubclass(cb, TrainerCallback):
+                raise TypeError(f"callbacks: {cb.__name__} is a class; pass an instance, {cb.__name__}()")
+            if not (isinstance(cb, TrainerCallback) or callable(cb)):
+                raise TypeError(f"callbacks: {cb!r} is neither a transformers.TrainerCallback nor a callable "
+                                "cb(trainer, metrics) -> bool")
+        # what TRL hands reward functions (trainer_state) and TrainerCallbacks (state, control)
+        self.state = TrainerState(max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
+                                  save_steps=cfg.save_steps, is_world_process_zero=self.dist.is_main)
+        self.control = TrainerControl()
+        self._async = _AsyncRunner()
+        self._reward_metrics: Dict[str, List[float]] = {}
+        self._reward_extra: Dict[str, List[Any]] = {}
+        self._nonfinite_run = 0          # consecutive skipped updates
+        self._skipped_in_step = 0
+        self._last_no_signal_warning: Optional[int] = None
 
         # built by the algorithm (phase 2)
         self.ref_model = None
@@ -390,10 +459,46 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ rewards
     def _call_reward(self, f, name: str, batch: Rollout, step: int, sel: Optional[List[int]] = None):
-        ids = batch.completion_ids_list
+        """f called as TRL calls it: keywords only (prompts, completions, completion_ids, each
+        dataset column, trainer_state, log_extra, log_metric). May return an awaitable."""
         pick = (lambda xs: xs) if sel is None else (lambda xs: [xs[i] for i in sel])
-        return f(pick(batch.prompts), pick(batch.completions), pick(ids),
-                 **{k: pick(v) for k, v in batch.columns.items()})
+        kwargs = {k: pick(v) for k, v in batch.columns.items()}
+        if sel is None:
+            kwargs.update(trainer_state=self.state, log_extra=self._log_reward_extra, log_metric=self._log_reward_metric)
+        else:  # locating a failure: what the function logs then is not the step's
+            kwargs.update(trainer_state=self.state, log_extra=lambda column, values: None,
+                          log_metric=lambda name, value: None)
+        return f(prompts=pick(batch.prompts), completions=pick(batch.completions),
+                 completion_ids=pick(batch.completion_ids_list), **kwargs)
+
+    def _log_reward_metric(self, name: str, value: float) -> None:
+        """log_metric(name, value) of a reward function: averaged over the step, into its metrics."""
+        self._reward_metrics.setdefault(str(name), []).append(float(value))
+
+    def _log_reward_extra(self, column: str, values: Sequence[Any]) -> None:
+        """log_extra(column, values) of a reward function: one value per completion of the step,
+        kept in batch.extras['log_extra'] (the completion log's extra columns)."""
+        self._reward_extra.setdefault(str(column), []).extend(list(values))
+
+    def _reward_values(self, name: str, values, batch: Rollout, step: int) -> List[float]:
+        """A function's output -> floats. None and NaN mean no reward (NaN); +-inf is an error."""
+        N = len(batch)
+        if values is None or not hasattr(values, "__len__") or len(values) != N:
+            got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__)
+            raise RewardFunctionError(f"reward function {name!r} returned {got} for {N} completions at step {step}")
+        if isinstance(values, torch.Tensor):
+            values = values.tolist()
+        try:
+            col = [math.nan if v is None else float(v) for v in values]
+        except (TypeError, ValueError):
+            i = next(i for i, v in enumerate(values) if v is not None and not _is_number(v))
+            raise RewardFunctionError(f"reward function {name!r} returned {values[i]!r} (not a number or None) "
+                                      f"for {self._sample_desc(batch, i)} at step {step}") from None
+        for i, v in enumerate(col):
+            if math.isinf(v):
+                raise RewardFunctionError(f"reward function {name!r} returned {v} for {self._sample_desc(batch, i)} "
+                                          f"at step {step}: rewards must be finite (None or NaN = no reward)")
+        return col
 
     def _sample_desc(self, batch: Rollout, i: int) -> str:
         p = batch.prompts[i]
@@ -403,26 +508,32 @@ class RLTrainer:
         return f"sample {i} of the step (dataset index {batch.dataset_index[i]}, prompt {text!r})"
 
     def compute_rewards(self, batch: Rollout, step: int) -> Rollout:
-        """Call every reward function; None -> NaN; weighted sum (NaN where every function gave None)."""
-        N = len(batch)
-        columns = []
+        """Call every reward function (async ones concurrently); None/NaN -> NaN (no reward), +-inf
+        raises; weighted sum (NaN where every function gave no reward)."""
+        self.state.global_step = step - 1  # TRL's state during scoring: the steps done so far
+        outputs: List[Any] = [None] * len(self.reward_funcs)
+        pending = []                                                             # (j, awaitable)
         for j, (f, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
             try:
-                values = self._call_reward(f, name, batch, step)
+                out = self._call_reward(f, name, batch, step)
             except Exception as e:
                 raise self._locate_reward_failure(f, name, batch, step, e) from e
-            if values is None or not hasattr(values, "__len__") or len(values) != N:
-                got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__)
-                raise RewardFunctionError(f"reward function {name!r} returned {got} for {N} completions at step {step}")
-            if isinstance(values, torch.Tensor):
-                values = values.tolist()
-            try:
-                col = [math.nan if v is None else float(v) for v in values]
-            except (TypeError, ValueError):
-                i = next(i for i, v in enumerate(values) if v is not None and not _is_number(v))
-                raise RewardFunctionError(f"reward function {name!r} returned {values[i]!r} (not a number or None) "
-                                          f"for {self._sample_desc(batch, i)} at step {step}") from None
-            columns.append(col)
+            if inspect.isawaitable(out):
+                pending.append((j, out))
+            else:
+                outputs[j] = out
+        if pending:
+            results = self._async.gather([a for _, a in pending])
+            for (j, _), res in zip(pending, results):
+                if isinstance(res, BaseException):
+                    if not isinstance(res, Exception):
+                        raise res
+                    raise self._locate_reward_failure(self.reward_funcs[j], self.reward_names[j], batch, step,
+                                                      res) from res
+                outputs[j] = res
+        columns = [self._reward_values(name, out, batch, step) for name, out in zip(self.reward_names, outputs)]
+        if self._reward_extra:
+            batch.extras["log_extra"] = dict(self._reward_extra)
         per_func = torch.tensor(columns, dtype=torch.float32).T.contiguous()      # (N, F)
         w = self.reward_weights
         weighted = per_func * w                                                  # (N, F)
@@ -434,7 +545,11 @@ class RLTrainer:
         # Call the function one sample at a time to find which one breaks it.
         for i in range(len(batch)):
             try:
-                self._call_reward(f, name, batch, step, sel=[i])
+                out = self._call_reward(f, name, batch, step, sel=[i])
+                if inspect.isawaitable(out):
+                    res = self._async.gather([out])[0]
+                    if isinstance(res, Exception):
+                        raise res
             except Exception as e:
                 return RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e} on "
                                            f"{self._sample_desc(batch, i)} at step {step}")
@@ -460,7 +575,10 @@ class RLTrainer:
         r = rewards.double()
         valid = ~torch.isnan(r)
         m["reward"] = float(r[valid].mean()) if valid.any() else float("nan")
-        # per-group std over the rewards that exist (Bessel-corrected; groups of < 2 count as 0)
+        # per-group std over the rewards that exist (Bessel-corrected; groups of < 2 count as 0);
+        # with G = 1 (PPO's default) there are no groups: the std of the whole batch
+        if G == 1:
+            G = r.numel()
         g, ok = torch.where(valid, r, 0.0).view(-1, G), valid.view(-1, G).double()
         n = ok.sum(1)
         mean = g.sum(1) / n.clamp(min=1)
@@ -497,6 +615,11 @@ class RLTrainer:
 
     def save_checkpoint(self) -> str:
         """Collective under torchrun: every rank calls it (rank 0 writes, FSDP2 ranks write their shards)."""
+        bad = next((n for n, p in self.model.named_parameters()
+                    if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+        if self.dist.any(bad is not None):
+            raise NonFiniteUpdateError(f"step {self.global_step}: parameter {bad or '(on another rank)'} holds "
+                                       "NaN/inf; no checkpoint written (the previous one is intact)")
         self.last_checkpoint = ckpt.save_checkpoint(self.config.output_dir, self.global_step, self.model,
                                                     self.tokenizer, self._state(), self.config.save_total_limit,
                                                     dist=self.dist, optimizer=self.optimizer,
@@ -504,7 +627,12 @@ class RLTrainer:
         return self.last_checkpoint
 
     def load_checkpoint(self, path: str) -> None:
-        state = ckpt.load_state(path)
+        """Restore checkpoint `path`. An unreadable file raises ckpt.CorruptCheckpointError naming it.
+        Settings that differ from the checkpoint's are listed in a warning; the optimiser's and the
+        scheduler's state win, so the optimiser fields (learning_rate, betas, eps, weight decay) take
+        the checkpoint's values in self.config (and config.yaml), the others the new ones."""
+        with ckpt.reading(path, ckpt.STATE_FILE):
+            state = ckpt.load_state(path)
         if state.get("algorithm", self.algorithm) != self.algorithm:
             raise ValueError(f"checkpoint {path} was written by the {state['algorithm']} trainer, not {self.algorithm}")
         saved_world = int(state.get("world_size", 1))
@@ -517,11 +645,14 @@ class RLTrainer:
         else:
             if self.dist.enabled and self.dist.mode == "fsdp2":
                 raise ValueError(f"checkpoint {path} is not sharded: resume it with distributed=ddp")
-            ckpt.load_model_weights(self.model, path)
+            with ckpt.reading(path, "the model weights"):
+                ckpt.load_model_weights(self.model, path)
             if self.optimizer is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+                with ckpt.reading(path, f"the optimiser state in {ckpt.STATE_FILE}"):
+                    self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self._reconcile_config(state.get("config") or {}, path)
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = int(state["step"])
         self.history = list(state["history"])
@@ -539,14 +670,129 @@ class RLTrainer:
             self.rng.reseed(self.config.seed + 1_000_003 * self.global_step + self.dist.rank)
         self.last_checkpoint = path
 
+    # settings whose value lives in the optimiser's state (param_groups) and the scheduler's base_lrs
+    _OPTIMIZER_FIELDS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
+    # where and how a run is driven, not what it trains
+    _NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "device", "disable_tqdm",
+                     "report_to", "plot")
+
+    def _reconcile_config(self, saved: Dict[str, Any], path: str) -> None:
+        now = self.config.to_dict()
+        changed = [k for k in now if k in saved and k not in self._NOT_SETTINGS and saved[k] != now[k]]
+        if not changed:
+            return
+        kept = {k: saved[k] for k in changed if k in self._OPTIMIZER_FIELDS}
+        lines = [f"  {k}: {saved[k]!r} in the checkpoint, {now[k]!r} now -> "
+                 + ("the checkpoint's (optimiser state)" if k in kept else "the new value") for k in changed]
+        if self.dist.is_main:
+            warnings.warn(f"resuming {path} with changed settings:\n" + "\n".join(lines)
+                          + "\nconfig.yaml records the values in effect", RuntimeWarning, stacklevel=3)
+        if kept:
+            self.config = self.config.replace(**kept)
+
     # ------------------------------------------------------------------ the loop
-    def train(self) -> List[Dict[str, Any]]:
-        """Train for config.max_steps steps; returns the metrics history (one dict per logged step)."""
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Train for config.max_steps steps; returns the metrics history (one dict per logged step).
+
+        resume_from_checkpoint (TRL's train() argument): a checkpoint directory, or "latest"/True for
+        the newest complete one in output_dir; overrides config.resume_from_checkpoint.
+
+        The output folder is locked for the run (OUTPUT_DIR/.grpo_fast.lock, fcntl.flock: the OS
+        drops it when the process dies). A folder that already holds a run is refused unless the
+        run resumes or config.overwrite_output_dir clears it (docs/trl_migration.md, "Output folders").
+        """
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = ckpt.OutputDirLock(self.config.output_dir)
+            except ckpt.OutputDirError as e:
+                error = e
+        if self.dist.any(error is not None):  # rank 0 could not lock the folder: every rank stops
+            raise error or ckpt.OutputDirError(f"output_dir {self.config.output_dir!r} is in use by another run")
+        try:
+            self._start_run(resume_from_checkpoint)
+            history = self._train_loop()
+            self._run_callbacks("on_train_end")
+            return history
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _start_run(self, resume_from_checkpoint) -> None:
+        """Check the output folder, then resume (newest loadable checkpoint) or start fresh."""
         cfg = self.config
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        resume = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-        if resume is not None:
-            self.load_checkpoint(resume)
+        spec = resume_from_checkpoint if resume_from_checkpoint is not None else cfg.resume_from_checkpoint
+        if isinstance(spec, bool):
+            spec = "latest" if spec else None
+        wants_resume = spec is not None and str(spec).lower() not in ("", "false", "none")
+        if self.dist.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            found = ckpt.previous_run(cfg.output_dir)
+            if found and not wants_resume:
+                if not cfg.overwrite_output_dir:
+                    raise ckpt.OutputDirError(
+                        f"output_dir {cfg.output_dir!r} already holds a run ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}): continue it with --resume_from_checkpoint latest "
+                        "(resume_from_checkpoint='latest'), or start afresh with --overwrite_output_dir "
+                        "(overwrite_output_dir=True, which deletes that run's files), or pick another output_dir")
+                ckpt.clear_run(cfg.output_dir)
+        self.dist.barrier()
+        if wants_resume:
+            self._resume(spec)
+        self._run_callbacks("on_train_begin")
+
+    def _resume(self, spec) -> None:
+        cfg = self.config
+        candidates = ckpt.resume_candidates(spec, cfg.output_dir)
+        if not candidates:
+            if self.dist.is_main:
+                warnings.warn(f"resume_from_checkpoint={spec!r}: no checkpoint in {cfg.output_dir!r}, starting fresh "
+                              "from step 0", RuntimeWarning, stacklevel=3)
+            return
+        explicit = str(spec).lower() not in ("latest", "true", "last")
+        for path in candidates:
+            try:
+                problem = ckpt.verify_checkpoint(path)
+                if problem is not None:
+                    raise ckpt.CorruptCheckpointError(problem)
+                self.load_checkpoint(path)
+                return
+            except ckpt.CorruptCheckpointError as e:
+                if explicit:
+                    raise
+                if self.dist.is_main:
+                    warnings.warn(f"{e}; trying the next older checkpoint", RuntimeWarning, stacklevel=3)
+        raise ckpt.CorruptCheckpointError(f"no checkpoint in {cfg.output_dir!r} could be loaded (each is named in a "
+                                          "warning above); move them away to start fresh")
+
+    def _run_callbacks(self, event: str, metrics: Optional[Dict[str, Any]] = None) -> bool:
+        """transformers.TrainerCallback objects get `event` as the HF Trainer calls it (args is this
+        trainer's config); plain callables cb(trainer, metrics) -> bool run at on_step_end. True:
+        some callback asked to stop (control.should_training_stop or a True return)."""
+        stop = False
+        for cb in self.callbacks:
+            if isinstance(cb, TrainerCallback):
+                kwargs = {"logs": metrics} if event == "on_log" else {}
+                out = getattr(cb, event)(self.config, self.state, self.control, model=self.model,
+                                         processing_class=self.tokenizer, optimizer=self.optimizer,
+                                         lr_scheduler=self.scheduler, **kwargs)
+                if isinstance(out, TrainerControl):
+                    self.control = out
+            elif event == "on_step_end":
+                stop = bool(cb(self, metrics)) or stop
+        return stop or bool(self.control.should_training_stop)
+
+    def _step_end_callbacks(self, metrics: Dict[str, Any]) -> bool:
+        self.state.global_step = self.global_step
+        self.state.epoch = self.sampler.epoch + self.sampler.position / self.sampler.size
+        self.state.num_input_tokens_seen = self.num_tokens
+        if self.history and self.history[-1] is metrics:  # a logging step
+            self.state.log_history.append(dict(metrics))
+            self._run_callbacks("on_log", metrics)
+        return self._run_callbacks("on_step_end", metrics)
+
+    def _train_loop(self) -> List[Dict[str, Any]]:
+        cfg = self.config
         main = self.dist.is_main  # only rank 0 writes logs, the progress bar, plots and the final model
         if main:
             cfg.to_yaml(os.path.join(cfg.output_dir, "config.yaml"))
@@ -561,7 +807,7 @@ class RLTrainer:
                 if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
                     self.history.append(metrics)
                     tracker.log(metrics)
-                stop = self.dist.any(any(bool(cb(self, metrics)) for cb in self.callbacks))
+                stop = self.dist.any(self._step_end_callbacks(metrics))
                 if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < cfg.max_steps:
                     self.save_checkpoint()
                 if stop:
@@ -581,8 +827,59 @@ class RLTrainer:
         return self.history
 
     def training_step(self) -> Dict[str, Any]:
+        # what reward functions log (log_metric / log_extra) and skipped updates, for this step
+        self._reward_metrics, self._reward_extra, self._skipped_in_step = {}, {}, 0
         with self.rng.scope():  # sampling and dropout draw from the trainer's random state
-            return self._training_step()
+            metrics = self._training_step()
+        metrics["skipped_updates"] = self._skipped_in_step
+        for name, values in sorted(self._reward_metrics.items()):
+            metrics[name] = sum(values) / len(values)
+        return metrics
+
+    def finite_update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the optimiser step may be taken: loss and gradient norm finite on every rank (one
+        host sync per optimiser step). Otherwise the step is skipped with a warning and counted
+        (skipped_updates); max_consecutive_nonfinite skips in a row raise NonFiniteUpdateError."""
+        bad = not bool(torch.isfinite(loss.detach()).all() and torch.isfinite(grad_norm.detach()).all())
+        if not self.dist.any(bad):
+            self._nonfinite_run = 0
+            return True
+        self._nonfinite_run += 1
+        self._skipped_in_step += 1
+        step, n, limit = self.global_step + 1, self._nonfinite_run, self.config.max_consecutive_nonfinite
+        if n >= limit:
+            raise NonFiniteUpdateError(
+                f"step {step}: {n} optimiser updates in a row had a non-finite loss or gradient norm "
+                f"(max_consecutive_nonfinite={limit}); training stopped, the weights are those of the last "
+                f"finite update and checkpoints hold finite weights only (lower learning_rate, check the rewards)")
+        if self.dist.is_main:
+            warnings.warn(f"step {step}: non-finite loss ({float(loss):.4g}) or gradient norm ({float(grad_norm):.4g}): "
+                          f"optimiser step skipped ({n} in a row; {limit} stop training)", RuntimeWarning, stacklevel=2)
+        return False
+
+    def warn_if_no_signal(self, batch: Rollout) -> None:
+        """One warning (at most every 50 steps) when a step's rewards cannot teach anything: every
+        reward missing (None/NaN), or every group's rewards equal (zero std, G > 1)."""
+        r = batch.rewards.double()
+        valid = ~torch.isnan(r)
+        none = not bool(valid.any())
+        flat = False
+        if not none and batch.group_size > 1:
+            x, v = r.view(-1, batch.group_size), valid.view(-1, batch.group_size)
+            hi = torch.where(v, x, -math.inf).amax(1)
+            lo = torch.where(v, x, math.inf).amin(1)
+            flat = bool(((hi <= lo) | (v.sum(1) < 2)).all())
+        if self.dist.any(not (none or flat)):   # some rank has a learning signal
+            return
+        step = self.global_step + 1
+        if self._last_no_signal_warning is not None and step - self._last_no_signal_warning < 50:
+            return
+        self._last_no_signal_warning = step
+        if self.dist.is_main:
+            why = ("every reward is None/NaN (no reward function scored any completion)" if none else
+                   "every group's rewards are equal (zero std), so every advantage is 0")
+            warnings.warn(f"step {step}: no learning signal: {why}; further such steps warn at most every 50 steps",
+                          RuntimeWarning, stacklevel=2)
 
     def _training_step(self) -> Dict[str, Any]:
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -34,8 +35,227 @@ def _field_doc(cls, name: str) -> str:
     return cls._DOCS.get(name, "")
 
 
+# --------------------------------------------------------------------------- TRL's field names
+# Every field of TRL's GRPOConfig (and the TrainingArguments it inherits) that is not a field
+# here is either mapped (TRL_ALIASES) or refused (TRL_REFUSED); never accepted and ignored.
+# docs/trl_migration.md is the table of all of them; tests/test_trl_dropin.py keeps the two in step.
+
+def _one_of(name: str, accepted, reason: str):
+    def check(value):
+        if value not in accepted:
+            raise ConfigError(f"{name}={value!r}: TRL field not supported here with that value ({reason})")
+        return {}
+    return check
+
+
+def _precision(dtype: str):
+    return lambda value: {"dtype": dtype} if value else {}
+
+
+def _save_strategy(value):
+    if value == "steps":
+        return {}
+    if value == "no":
+        return {"save_steps": 0}
+    raise ConfigError(f"save_strategy={value!r}: TRL field supported here as 'steps' or 'no' only "
+                      "(there are no epochs: set save_steps)")
+
+
+# TRL name -> function(value) -> {our field: value} (or ConfigError for a value we cannot honour)
+TRL_ALIASES: Dict[str, Any] = {
+    "bf16": _precision("bfloat16"),
+    "fp16": _precision("float16"),
+    "use_cpu": lambda value: {"device": "cpu"} if value else {},
+    "save_strategy": _save_strategy,
+    "logging_strategy": _one_of("logging_strategy", ("steps",), "logging is every logging_steps steps"),
+}
+
+# TRL name -> (values that ask for exactly what this library does anyway, why the rest is refused)
+_OFF = (None, False)
+TRL_REFUSED: Dict[str, Any] = {
+    # TrainingArguments
+    "num_train_epochs": ((), "training length is max_steps here (one step = one rollout and its updates)"),
+    "lr_scheduler_kwargs": ((None, {}), "schedules take no extra arguments here"),
+    "optim": (("adamw_torch", "adamw_torch_fused"), "the optimiser is AdamW (fused where possible)"),
+    "optim_args": (_OFF, "the optimiser is AdamW"),
+    "optim_target_modules": (_OFF, "the optimiser is AdamW over all trainable parameters"),
+    "average_tokens_across_devices": ((True, None), "token counts are always averaged over ranks (dapo)"),
+    "label_smoothing_factor": ((0.0, 0, None), "no label smoothing in RL"),
+    "bf16_full_eval": (_OFF, "no separate evaluation precision"),
+    "fp16_full_eval": (_OFF, "no separate evaluation precision"),
+    "tf32": (_OFF, "set torch.backends.cuda.matmul.allow_tf32 yourself"),
+    "gradient_checkpointing_kwargs": ((None, {}), "gradient_checkpointing takes no options here"),
+    "torch_compile": (_OFF, "torch.compile of the model is not supported"),
+    "torch_compile_backend": (_OFF, "torch.compile of the model is not supported"),
+    "torch_compile_mode": (_OFF, "torch.compile of the model is not supported"),
+    "use_liger_kernel": (_OFF, "the loss kernels here replace Liger's"),
+    "liger_kernel_config": (_OFF, "the loss kernels here replace Liger's"),
+    "use_cache": (_OFF, "generation always uses the KV cache; training never"),
+    "neftune_noise_alpha": (_OFF, "NEFTune is not supported"),
+    "torch_empty_cache_steps": (_OFF, "not supported"),
+    "auto_find_batch_size": (_OFF, "batch sizes are fixed"),
+    "logging_first_step": (_OFF, "every logging_steps step is logged, the first when logging_steps is 1"),
+    "log_on_each_node": ((True, False, None), "only rank 0 logs"),
+    "logging_nan_inf_filter": ((True, None), "non-finite updates are skipped and counted (skipped_updates)"),
+    "include_num_input_tokens_seen": (("no", False, None), "num_tokens is always logged"),
+    "log_level": (("passive", None), "not supported"),
+    "log_level_replica": (("warning", "passive", None), "not supported"),
+    "run_name": (_OFF, "runs are named by output_dir"),
+    "project": (("huggingface", None), "trackio/wandb projects are not supported"),
+    "trackio_space_id": (_OFF, "trackio is not supported"),
+    "trackio_bucket_id": (_OFF, "trackio is not supported"),
+    "trackio_static_space_id": (_OFF, "trackio is not supported"),
+    "eval_delay": ((0, 0.0, None), "not supported"),
+    "prediction_loss_only": (_OFF, "no prediction loop"),
+    "eval_on_start": (_OFF, "not supported"),
+    "eval_do_concat_batches": ((True, None), "not supported"),
+    "eval_use_gather_object": (_OFF, "not supported"),
+    "eval_accumulation_steps": (_OFF, "not supported"),
+    "include_for_metrics": ((None, (), []), "not supported"),
+    "batch_eval_metrics": (_OFF, "not supported"),
+    "save_only_model": (_OFF, "checkpoints always hold the optimiser, scheduler and RNG state"),
+    "save_on_each_node": (_OFF, "rank 0 saves (FSDP2: every rank its shards)"),
+    "enable_jit_checkpoint": (_OFF, "not supported"),
+    "push_to_hub": (_OFF, "no hub access: push OUTPUT_DIR/final yourself"),
+    "hub_token": (_OFF, "no hub access"),
+    "hub_private_repo": (_OFF, "no hub access"),
+    "hub_model_id": (_OFF, "no hub access"),
+    "hub_strategy": (("every_save", None), "no hub access"),
+    "hub_always_push": (_OFF, "no hub access"),
+    "hub_revision": (_OFF, "no hub access"),
+    "load_best_model_at_end": (_OFF, "no best-model tracking"),
+    "metric_for_best_model": (_OFF, "no best-model tracking"),
+    "greater_is_better": (_OFF, "no best-model tracking"),
+    "ignore_data_skip": (_OFF, "a resume restores the data order exactly"),
+    "restore_callback_states_from_checkpoint": (_OFF, "callbacks keep no checkpointed state"),
+    "full_determinism": (_OFF, "not supported (the trainer's own generator makes runs repeatable)"),
+    "data_seed": (_OFF, "the data order follows seed"),
+    "accelerator_config": (_OFF, "no accelerate"),
+    "parallelism_config": (_OFF, "parallelism is torchrun + distributed=ddp|fsdp2"),
+    "dataloader_drop_last": (_OFF, "no DataLoader: prompts are sampled by index"),
+    "dataloader_num_workers": ((0, None), "no DataLoader"),
+    "dataloader_pin_memory": ((True, False, None), "no DataLoader"),
+    "dataloader_persistent_workers": (_OFF, "no DataLoader"),
+    "dataloader_prefetch_factor": (_OFF, "no DataLoader"),
+    "dataloader_multiprocessing_context": (_OFF, "no DataLoader"),
+    "dataloader_in_order": ((True, None), "no DataLoader"),
+    "remove_unused_columns": (_OFF, "every column reaches the reward functions"),
+    "label_names": (_OFF, "no labels in RL"),
+    "train_sampling_strategy": (("random", None), "use shuffle_dataset"),
+    "length_column_name": (("length", None), "no length grouping"),
+    "ddp_find_unused_parameters": (_OFF, "not supported"),
+    "ddp_bucket_cap_mb": (_OFF, "not supported"),
+    "ddp_broadcast_buffers": (_OFF, "not supported"),
+    "ddp_static_graph": (_OFF, "not supported"),
+    "ddp_backend": (_OFF, "nccl on CUDA, gloo on CPU"),
+    "fsdp": ((None, "", [], False), "use distributed=fsdp2 under torchrun"),
+    "fsdp_config": ((None, {}), "use distributed=fsdp2 under torchrun"),
+    "deepspeed": (_OFF, "DeepSpeed is not supported; use distributed=fsdp2"),
+    "debug": (("", None, []), "not supported"),
+    "skip_memory_metrics": ((True, None), "not supported"),
+    "do_train": ((True, False, None), "informational in TRL too"),
+    "do_eval": (_OFF, "not supported"),
+    "do_predict": (_OFF, "not supported"),
+    "local_rank": ((-1, None), "read from torchrun's environment"),
+    # GRPOConfig
+    "trust_remote_code": (_OFF, "pass model_init_kwargs={'trust_remote_code': True}"),
+    "router_aux_loss_coef": (_OFF, "MoE router losses are not supported"),
+    "cast_lm_head_to_fp32": (_OFF, "the loss is computed in fp32 from the model's head"),
+    "ds3_gather_for_generation": ((True, None), "DeepSpeed is not supported"),
+    "pad_to_multiple_of": (("auto", None), "no padding to a multiple"),
+    "generation_batch_size": (_OFF, "one step generates exactly its batch (see per_device_train_batch_size)"),
+    "steps_per_generation": (_OFF, "one rollout per step; use num_iterations to reuse it"),
+    "generation_kwargs": ((None, {}), "use temperature, top_p, top_k, min_p, repetition_penalty"),
+    "chat_template_kwargs": ((None, {}), "the tokenizer's chat template is applied as is"),
+    "cache_implementation": (_OFF, "not supported"),
+    "vllm_model_impl": (("vllm", None), "not supported"),
+    "vllm_structured_outputs_regex": (_OFF, "not supported"),
+    "vespo_k_pos": ((2.0, None), "loss_type=vespo is not supported"),
+    "vespo_lambda_pos": ((3.0, None), "loss_type=vespo is not supported"),
+    "vespo_k_neg": ((3.0, None), "loss_type=vespo is not supported"),
+    "vespo_lambda_neg": ((2.0, None), "loss_type=vespo is not supported"),
+    "multi_objective_aggregation": (("sum_then_normalize", None),
+                                    "rewards are summed with reward_weights, then normalised"),
+    "sync_ref_model": (_OFF, "the reference model is fixed"),
+    "ref_model_mixup_alpha": ((0.6, None), "the reference model is fixed"),
+    "ref_model_sync_steps": ((512, None), "the reference model is fixed"),
+    "max_tool_calling_iterations": (_OFF, "tool calling is not supported"),
+    "log_multimodal": ((True, False, None), "text models only"),
+    "log_unique_prompts": (_OFF, "not supported"),
+    "log_completions_hub_repo": (_OFF, "no hub access"),
+    "use_transformers_continuous_batching": (_OFF, "use use_vllm"),
+    "transformers_continuous_batching_config": (_OFF, "use use_vllm"),
+    "use_transformers_paged": (_OFF, "use use_vllm"),
+}
+
+# fields other engineers are adding (supported once they exist as fields; refused until then)
+TRL_PLANNED = {
+    "use_vllm": "issue 13", "vllm_mode": "issue 13", "vllm_server_base_url": "issue 13",
+    "vllm_server_host": "issue 13", "vllm_server_port": "issue 13", "vllm_server_timeout": "issue 13",
+    "vllm_group_port": "issue 13", "vllm_gpu_memory_utilization": "issue 13",
+    "vllm_max_model_length": "issue 13", "vllm_tensor_parallel_size": "issue 13",
+    "vllm_importance_sampling_correction": "issue 13", "vllm_importance_sampling_mode": "issue 13",
+    "vllm_importance_sampling_clip_max": "issue 13", "vllm_importance_sampling_clip_min": "issue 13",
+    "vllm_importance_sampling_cap": "issue 13", "vllm_enable_sleep_mode": "issue 13",
+    "sapo_temperature_neg": "issue 14", "sapo_temperature_pos": "issue 14", "top_entropy_quantile": "issue 14",
+    "use_bias_correction_kl": "issue 14", "off_policy_mask_threshold": "issue 14",
+    "use_adaptive_entropy": "issue 14", "entropy_coef_min": "issue 14", "entropy_coef_max": "issue 14",
+    "entropy_coef_delta": "issue 14", "entropy_target": "issue 14",
+    "eval_strategy": "issue 14", "eval_steps": "issue 14", "per_device_eval_batch_size": "issue 14",
+    "num_generations_eval": "issue 14", "log_completions": "issue 14", "num_completions_to_print": "issue 14",
+}
+
+
+def translate_trl_names(cls, values: Dict[str, Any]) -> Dict[str, Any]:
+    """TRL's field names in `values` -> ours (TRL_ALIASES); a TRL field not supported here raises
+    ConfigError naming it (TRL_REFUSED, TRL_PLANNED), unless its value asks for what happens here anyway.
+    Names that are fields of `cls` pass through (with TRL's value forms where they differ)."""
+    fields = set(cls.field_names())
+    out: Dict[str, Any] = {}
+    mapped: Dict[str, Any] = {}
+    for name, value in values.items():
+        if name in fields:
+            out[name] = value
+        elif name in TRL_ALIASES:
+            for ours, v in TRL_ALIASES[name](value).items():
+                if ours in mapped and mapped[ours][1] != v:
+                    raise ConfigError(f"{name}={value!r} and {mapped[ours][0]} ask for different {ours}")
+                mapped[ours] = (name, v)
+        elif name in TRL_REFUSED:
+            accepted, reason = TRL_REFUSED[name]
+            if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
+                raise ConfigError(f"{name}={value!r}: a TRL field not supported here ({reason})")
+        elif name in TRL_PLANNED:
+            raise ConfigError(f"{name}={value!r}: a TRL field not supported here yet ({TRL_PLANNED[name]})")
+        else:
+            out[name] = value  # unknown: the dataclass raises its TypeError
+    for ours, (name, v) in mapped.items():
+        if ours in out and out[ours] != v:
+            raise ConfigError(f"{name} asks for {ours}={v!r} but {ours}={out[ours]!r} was given")
+        out[ours] = v
+    # TRL's value forms of fields we share
+    if isinstance(out.get("report_to"), (list, tuple)):
+        rt = list(out["report_to"])
+        if len(rt) > 1:
+            raise ConfigError(f"report_to={rt!r}: one of 'tensorboard' or 'none' here")
+        out["report_to"] = rt[0] if rt else "none"
+    ws = out.get("warmup_steps")
+    if isinstance(ws, float) and 0 < ws < 1 and "warmup_ratio" in fields:  # transformers 5: a ratio
+        if out.get("warmup_ratio") not in (None, 0, 0.0, ws):
+            raise ConfigError(f"warmup_steps={ws} (a ratio) and warmup_ratio={out['warmup_ratio']} both given")
+        out["warmup_steps"], out["warmup_ratio"] = 0, ws
+    return out
+
+
+class _AcceptsTRLNames(type):
+    """Metaclass of the configs: Config(**kwargs) takes TRL's names too (translate_trl_names)."""
+
+    def __call__(cls, *args, **kwargs):
+        return super().__call__(*args, **translate_trl_names(cls, kwargs))
+
+
 @dataclass
-class RLConfig:
+class RLConfig(metaclass=_AcceptsTRLNames):
     # --- model
     model_name_or_path: Optional[str] = None
     """Model to train: a local directory or hub id loaded with from_pretrained (local files only); None in the CLI = the built-in demo."""
@@ -79,6 +299,8 @@ class RLConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 or less: no clipping)."""
+    max_consecutive_nonfinite: int = 3
+    """An update whose loss or gradient norm is NaN/inf is skipped (counted in skipped_updates); this many in a row stop training with an error."""
     max_steps: int = 500
     """Number of training steps (one rollout + its updates each)."""
     per_device_train_batch_size: int = 8
@@ -121,6 +343,8 @@ class RLConfig:
     """Write the trained model (save_pretrained) and tokenizer to OUTPUT_DIR/final."""
     resume_from_checkpoint: Optional[str] = None
     """Resume from this checkpoint directory, or 'latest' for the newest one in output_dir."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds a run: first delete its metrics, checkpoints, final model, plots, logs and config.yaml (other files stay)."""
     plot: bool = True
     """Write PNG plots of the metric curves to OUTPUT_DIR/plots at the end."""
     # --- scale-out (used only under torchrun with WORLD_SIZE > 1; see docs/distributed.md)
@@ -152,6 +376,18 @@ class RLConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below, so check first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value!r}: must be a finite number")
+            if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ConfigError(f"{f.name}={value!r}: every entry must be a finite number")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p={self.min_p!r}: must be in [0, 1] or None")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty!r}: must be > 0")
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError(f"max_consecutive_nonfinite={self.max_consecutive_nonfinite!r}: must be >= 1")
         positive = ["learning_rate", "max_steps", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_completion_length", "temperature", "logging_steps", "ddp_timeout"]
         for name in positive:
@@ -208,7 +444,8 @@ class RLConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a mapping of field: value, got {type(values).__name__}")
         known = cls.field_names()
-        unknown = [k for k in values if k not in known]
+        unknown = [k for k in values if k not in known and k not in TRL_ALIASES and k not in TRL_REFUSED
+                   and k not in TRL_PLANNED]
         if unknown:
             parts = []
             for k in unknown:
@@ -220,10 +457,7 @@ class RLConfig:
     @classmethod
     def from_yaml(cls, path: str, **overrides):
         """Load a YAML file of field: value pairs; `overrides` win. Bad fields raise ConfigError."""
-        with open(path) as fh:
-            values = yaml.safe_load(fh) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of field: value")
+        values = load_yaml(path)
         values.pop("algorithm", None)  # read by the CLI to pick the config class
         values.update(overrides)
         return cls.from_dict(values, source=str(path))
@@ -483,6 +717,21 @@ class TRPOConfig(CriticConfig, RLConfig):
     @property
     def rollout_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """A YAML file of field: value pairs; a syntax error is a ConfigError naming the file and line."""
+    with open(path) as fh:
+        try:
+            values = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+    return values
 
 
 # --------------------------------------------------------------------------- coercion

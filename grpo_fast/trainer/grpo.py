@@ -63,6 +63,7 @@ class GRPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ advantages
     def compute_advantages(self, batch: Rollout) -> Rollout:
         cfg: GRPOConfig = self.config
+        self.warn_if_no_signal(batch)
         rewards = batch.rewards
         if self.dist.enabled:  # N floats per rank; the global vector makes "batch" scaling exact
             rewards = self.dist.all_gather(rewards)                              # (W * N,)
@@ -120,12 +121,14 @@ class GRPOTrainer(RLTrainer):
         grad_norms = []
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
+            it_loss = 0.0  # this optimiser step's loss (summed over its micro-batches), checked before the step
             for i, start in enumerate(range(0, N, mb)):
                 rows = slice(start, start + mb)
                 sync = dist_utils.gradient_sync(self.wrapped_model, self.dist, sync=i == n_micro - 1)
                 with sync:
                     loss, out = self._micro_loss(batch, rows, num_items, n_micro)
                     loss.backward()
+                    it_loss = it_loss + loss.detach()
                 w = mask[rows].sum().to(torch.float64)
                 vals = [loss.detach().to(torch.float64), w]
                 for key in keys:
@@ -142,8 +145,11 @@ class GRPOTrainer(RLTrainer):
             else:
                 gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             grad_norms.append(dist_utils.full_tensor(gn).detach().to(torch.float64))
-            self.optimizer.step()
-            self.scheduler.step()
+            if self.finite_update(it_loss, grad_norms[-1]):  # else skipped: the weights stay finite
+                self.optimizer.step()
+                self.scheduler.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
         values = acc.tolist()
         loss_total, weight_total = values[0], values[1]
         sums = {k: values[2 + j] for j, k in enumerate(keys) if k in present}

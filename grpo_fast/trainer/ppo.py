@@ -144,6 +144,7 @@ class PPOTrainer(RLTrainer):
     # ------------------------------------------------------------------ advantages
     def compute_advantages(self, batch: Rollout) -> Rollout:
         cfg: PPOConfig = self.config
+        self.warn_if_no_signal(batch)
         # no reward (or masked truncation): the sample is left out of every loss
         drop = batch.dropped(cfg.mask_truncated_completions)
         mask = batch.mask_without(drop)
@@ -270,8 +271,11 @@ class PPOTrainer(RLTrainer):
                 pg_losses.append(step_pg)
                 vf_losses.append(step_vf)
                 losses.append(step_pg + cfg.vf_coef * step_vf)
-                self.optimizer.step()
-                self.scheduler.step()
+                if self.finite_update(torch.tensor(losses[-1]), gn):  # else skipped: the weights stay finite
+                    self.optimizer.step()
+                    self.scheduler.step()
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
         denom = max(tokens_seen, 1.0)
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         metrics: Dict[str, Any] = {"loss": mean(losses), "pg_loss": mean(pg_losses), "value_loss": mean(vf_losses),

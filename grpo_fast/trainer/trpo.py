@@ -147,6 +147,7 @@ class TRPOTrainer(RLTrainer):
 
     def compute_advantages(self, batch: Rollout) -> Rollout:
         cfg: TRPOConfig = self.config
+        self.warn_if_no_signal(batch)
         # no reward (or masked truncation): out of the surrogate and the KL
         mask = batch.mask_without(batch.dropped(cfg.mask_truncated_completions))
         batch = batch.with_fields(loss_mask=mask)
