@@ -5,6 +5,7 @@
     grpo-fast train --algorithm grpo --model ./my-model --dataset_path prompts.jsonl \\
                     --reward_funcs accuracy format --reward_weights 1.0 0.2
     grpo-fast plot runs/demo                         # PNGs of the metric curves into runs/demo/plots
+    grpo-fast show runs/demo [--step N]              # the completions logged at a step (log_completions)
     torchrun --nproc_per_node 4 -m grpo_fast train --config run.yaml [--distributed fsdp2]   # docs/distributed.md
 
 Every field of the algorithm's config is an option (--FIELD VALUE; booleans also as a bare --FIELD);
@@ -29,6 +30,7 @@ from . import demo, rewards
 from .trainer import ConfigError, CorruptCheckpointError, NonFiniteUpdateError, RewardFunctionError
 from .trainer.config import load_yaml
 from .trainer.plot import plot_run
+from .trainer.tracking import COMPLETIONS_FILE, format_completions, read_completions
 
 # algorithm -> (module, config class, trainer class)
 ALGORITHMS = {
@@ -211,12 +213,36 @@ def cmd_plot(argv: List[str]) -> int:
     return 0
 
 
-USAGE = """usage: grpo-fast {train,plot} ...
+def cmd_show(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast show",
+                                description="print the completions logged at a step (RUN_DIR/completions.jsonl)")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, default=None, help="the step (default: the last one logged)")
+    p.add_argument("--width", type=int, default=60, help="characters shown of each prompt / completion")
+    a = p.parse_args(argv)
+    path = os.path.join(a.run_dir, COMPLETIONS_FILE)
+    if not os.path.isfile(path):
+        raise CLIError(f"{a.run_dir}: no {COMPLETIONS_FILE} there (train with --log_completions)")
+    rows = read_completions(path)
+    steps = sorted({r.get("step") for r in rows if r.get("step") is not None})
+    if not steps:
+        raise CLIError(f"{path}: no completions logged")
+    step = steps[-1] if a.step is None else a.step
+    if step not in steps:
+        raise CLIError(f"step {step}: no completions logged at it; logged steps: "
+                       f"{', '.join(map(str, steps[:20]))}{' ...' if len(steps) > 20 else ''}")
+    print(format_completions([r for r in rows if r.get("step") == step], width=a.width))
+    return 0
+
+
+USAGE = """usage: grpo-fast {train,plot,show} ...
 
   train [--config FILE.yaml] [--algorithm grpo|ppo|trpo] [--FIELD VALUE ...]
         train a model (no --model: the built-in demo task); `grpo-fast train --help` lists the fields
   plot RUN_DIR [--out DIR]
         write PNG plots of RUN_DIR/metrics.jsonl
+  show RUN_DIR [--step N]
+        print the completions logged at step N (default: the last) by log_completions
 """
 
 
@@ -230,6 +256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_train(rest)
         if cmd == "plot":
             return cmd_plot(rest)
+        if cmd == "show":
+            return cmd_show(rest)
         if cmd in ("-h", "--help", "help"):
             print(USAGE)
             return 0

@@ -7,6 +7,9 @@ Pipeline in miniature (pre-training -> SFT -> RL):
     right about a quarter of the time;
   - GRPO with a rule reward (1 for the right number, else 0, as in DeepSeekMath) then moves
     the probability onto the right answers: the mean reward starts low and climbs.
+  - `run_demo` holds out a fifth of the pairs (never seen in the warm-up or in training) and
+    evaluates greedily on them every eval_steps: the held-out accuracy (eval_reward) is plotted
+    beside the training reward.
 """
 from __future__ import annotations
 
@@ -73,6 +76,14 @@ def addition_dataset(low: int = 0, high: int = 9) -> List[Dict[str, Any]]:
             for a in range(low, high + 1) for b in range(low, high + 1)]
 
 
+def split_holdout(data: List[Dict[str, Any]]):
+    """(train, held_out): the pairs a+b= with (3a + b) % 5 == 0 held out (20 of the 100), fixed."""
+    def held(row):
+        a, b = row["prompt"].rstrip("=").split("+")
+        return (3 * int(a) + int(b)) % 5 == 0
+    return [r for r in data if not held(r)], [r for r in data if held(r)]
+
+
 def warmup(model, tokenizer, data, *, steps: int = 60, teacher_accuracy: float = 1.0,
            lr: float = 3e-3, batch_size: int = 100, seed: int = 0) -> float:
     """Supervised warm-up (deliberately short); returns the last training loss.
@@ -133,6 +144,8 @@ def demo_config_defaults() -> Dict[str, Any]:
         seed=0,
         weight_decay=0.0,
         dtype="float32",
+        eval_strategy="steps",             # greedy accuracy on the held-out pairs (run_demo)
+        eval_steps=20,
     )
 
 
@@ -148,16 +161,20 @@ def accuracy(model, tokenizer, data, *, max_new_tokens: int = 4) -> float:
 
 
 def build_demo(seed: int = 0, *, warmup_steps: int = 60, teacher_accuracy: float = 1.0,
-               verbose: bool = True) -> Dict[str, Any]:
-    """Tokenizer, warmed-up tiny model, dataset and reward function of the built-in task."""
+               verbose: bool = True, holdout: bool = False) -> Dict[str, Any]:
+    """Tokenizer, warmed-up tiny model, dataset and reward function of the built-in task.
+
+    holdout=True: train_dataset (warm-up and RL) has 80 pairs and eval_dataset the other 20
+    (split_holdout); False: all 100 pairs train and eval_dataset is None.
+    """
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
-    data = addition_dataset()
+    data, held_out = split_holdout(addition_dataset()) if holdout else (addition_dataset(), None)
     loss = warmup(model, tokenizer, data, steps=warmup_steps, teacher_accuracy=teacher_accuracy, seed=seed)
     if verbose:
         print(f"[demo] supervised warm-up: {warmup_steps} steps (teacher right {teacher_accuracy:.0%} "
               f"of the time), final loss {loss:.3f}")
-    return {"model": model, "tokenizer": tokenizer, "train_dataset": data,
+    return {"model": model, "tokenizer": tokenizer, "train_dataset": data, "eval_dataset": held_out,
             "reward_funcs": [accuracy_reward]}
 
 
@@ -177,9 +194,9 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
     try:
         t0 = time.perf_counter()
         rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-        parts = build_demo(config.seed, verbose=rank0)
+        parts = build_demo(config.seed, verbose=rank0, holdout=True)
         trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"],
-                              config=config, tokenizer=parts["tokenizer"])
+                              config=config, tokenizer=parts["tokenizer"], eval_dataset=parts["eval_dataset"])
         history = trainer.train()
         elapsed = time.perf_counter() - t0
     finally:
@@ -192,6 +209,9 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
         print(f"[demo] mean reward: first {rewards[0]:.3f} -> last {rewards[-1]:.3f} "
               f"(mean of the last {len(tail)}: {sum(tail) / len(tail):.3f}) over {len(history)} logged steps; "
               f"wall time {elapsed:.0f}s including the warm-up")
+    evals = [h["eval_reward"] for h in history if h.get("eval_reward") is not None]
+    if evals:
+        print(f"[demo] held-out greedy accuracy (20 pairs never trained on): {evals[0]:.2f} -> {evals[-1]:.2f}")
     print(f"[demo] metrics: {trainer.metrics_path}")
     if trainer.plot_paths:
         print(f"[demo] reward curve: {trainer.plot_paths[0]}")

@@ -14,6 +14,7 @@ Ready-made rule rewards in the style of DeepSeekMath / DeepSeek-R1:
                         last number) equals the `answer` / `solution` column, compared numerically
     format_reward    -- 1.0 when the completion has the <think>...</think><answer>...</answer> shape
     boxed_format_reward -- 1.0 when the completion has a \\boxed{...} answer
+    soft_overlong_punishment(L_max, L_cache) -- DAPO's soft length penalty (0 down to -1)
 and `RewardModel`, a sequence-classification model used as a reward function.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 __all__ = [
     "accuracy_reward", "format_reward", "boxed_format_reward", "make_format_reward",
     "extract_boxed", "extract_final_number", "extract_answer", "parse_number", "answers_match",
-    "RewardModel",
+    "RewardModel", "soft_overlong_punishment",
 ]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -172,6 +173,51 @@ format_reward.__doc__ = "1.0 when the completion is <think>...</think><answer>..
 def boxed_format_reward(prompts, completions, completion_ids=None, **columns) -> List[float]:
     """1.0 when the completion states its answer in \\boxed{...}, else 0.0."""
     return [1.0 if extract_boxed(_text(c)) is not None else 0.0 for c in completions]
+
+
+class _SoftOverlongPunishment:
+    """Callable object (not a closure) so it pickles; see soft_overlong_punishment."""
+
+    __name__ = "soft_overlong_punishment"
+
+    def __init__(self, max_completion_length: int, soft_punish_cache: int):
+        self.max_completion_length = int(max_completion_length)
+        self.soft_punish_cache = int(soft_punish_cache)
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **columns) -> List[float]:
+        if completion_ids is None:
+            raise ValueError("soft_overlong_punishment needs completion_ids (the token ids of each completion)")
+        start = self.max_completion_length - self.soft_punish_cache  # lengths up to here are not punished
+        out = []
+        for ids in completion_ids:
+            n = len(ids)
+            if n <= start:
+                out.append(0.0)
+            elif n <= self.max_completion_length:
+                out.append((start - n) / self.soft_punish_cache)  # linear from 0 to -1 over the cache
+            else:
+                out.append(-1.0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"soft_overlong_punishment({self.max_completion_length}, {self.soft_punish_cache})"
+
+
+def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int):
+    """DAPO's soft overlong punishment (eq. 13), as TRL's get_soft_overlong_punishment.
+
+    A reward function of the completion length |y| in tokens (len(completion_ids[i]), EOS
+    included): 0 for |y| <= L_max - L_cache, (L_max - L_cache - |y|) / L_cache inside the last
+    L_cache tokens (0 down to -1), -1 above L_max. It only punishes; add it to a task reward.
+    Use max_completion_length = the config's, soft_punish_cache = 0 for a hard -1 above L_max.
+    """
+    if isinstance(max_completion_length, bool) or int(max_completion_length) != max_completion_length \
+            or max_completion_length <= 0:
+        raise ValueError(f"max_completion_length={max_completion_length!r}: expected an integer > 0")
+    if isinstance(soft_punish_cache, bool) or int(soft_punish_cache) != soft_punish_cache \
+            or not 0 <= soft_punish_cache <= max_completion_length:
+        raise ValueError(f"soft_punish_cache={soft_punish_cache!r}: expected an integer in [0, max_completion_length]")
+    return _SoftOverlongPunishment(max_completion_length, soft_punish_cache)
 
 
 class RewardModel:

@@ -58,7 +58,9 @@ def test_demo_defaults_run_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mean reward: first" in printed and "reward.png" in printed
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all("reward" in r and "kl" in r for r in rows)
+    # the demo evaluates on its held-out pairs at step 0 (a row of eval_* metrics only) and at the last step
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all("reward" in r and "kl" in r for r in rows[1:])
+    assert "eval_reward" in rows[0] and "eval_reward" in rows[-1]
     assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
     assert (out / "plots" / "reward.png").is_file()
     assert GRPOConfig.from_yaml(str(out / "config.yaml")).max_steps == 3

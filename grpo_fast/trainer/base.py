@@ -41,7 +41,7 @@ from .engine import HFEngine, RolloutEngine, SamplingSettings, left_pad, right_p
 from .plot import plot_run
 from .policy import accepts_index_logits_to_keep, forward_logits, is_peft, load_policy, set_dropout_zero
 from .rollout import PromptSampler, Rollout, check_dataset, is_conversational
-from .tracking import MetricsTracker
+from .tracking import CompletionLog, MetricsTracker
 
 __all__ = ["RLTrainer", "RewardFunctionError", "TrainerRNG", "resolve_alias"]
 
@@ -177,7 +177,8 @@ class RLTrainer:
 
     def __init__(self, model, reward_funcs=None, train_dataset=None, *, config: Optional[RLConfig] = None,
                  args: Optional[RLConfig] = None, tokenizer=None, processing_class=None, peft_config=None,
-                 callbacks: Optional[Sequence[Callable]] = None, engine: Optional[RolloutEngine] = None):
+                 callbacks: Optional[Sequence[Callable]] = None, engine: Optional[RolloutEngine] = None,
+                 eval_dataset=None):
         # TRL spells two of these differently: args (config) and processing_class (tokenizer)
         config = resolve_alias("config", config, "args", args)
         tokenizer = resolve_alias("tokenizer", tokenizer, "processing_class", processing_class)
@@ -218,6 +219,10 @@ class RLTrainer:
         self.index_logits_to_keep = accepts_index_logits_to_keep(self.model)
 
         self.train_dataset = check_dataset(train_dataset)
+        # held-out prompts evaluated every eval_steps (eval_strategy=steps), as TRL's eval_dataset
+        self.eval_dataset = None if eval_dataset is None else check_dataset(eval_dataset, "eval_dataset")
+        if cfg.eval_strategy != "no" and self.eval_dataset is None:
+            raise ConfigError(f"eval_strategy={cfg.eval_strategy!r} needs an eval_dataset (the trainer's argument)")
         self.reward_funcs, self.reward_names = self._prepare_reward_funcs(reward_funcs)
         weights = cfg.reward_weights
         if weights is None:
@@ -258,6 +263,7 @@ class RLTrainer:
         self.num_tokens = 0
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.final_dir: Optional[str] = None
+        self.last_batch: Optional[Rollout] = None
         self.plot_paths: List[str] = []
         self.last_checkpoint: Optional[str] = None
 
@@ -419,11 +425,13 @@ class RLTrainer:
                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
                                 repetition_penalty=cfg.repetition_penalty)
 
-    def rollout(self, indices: List[int]) -> Rollout:
-        """Sample G completions for each prompt through the engine (stop at EOS)."""
-        settings = self.sampling_settings()
+    def rollout(self, indices: List[int], dataset=None, settings: Optional[SamplingSettings] = None) -> Rollout:
+        """Sample G completions for each prompt through the engine (stop at EOS); rows of
+        `dataset` (default train_dataset) with `settings` (default the training ones)."""
+        settings = settings or self.sampling_settings()
         G = settings.n
-        rows = [self.train_dataset[i] for i in indices]
+        dataset = self.train_dataset if dataset is None else dataset
+        rows = [dataset[i] for i in indices]
         texts = [self._prompt_text(r["prompt"]) for r in rows]
         prompt_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         L = self.config.max_prompt_length
@@ -799,12 +807,27 @@ class RLTrainer:
         tracker = MetricsTracker(cfg.output_dir, max_steps=cfg.max_steps, start_step=self.global_step,
                                  history=self.history, report_to=cfg.report_to, disable_tqdm=cfg.disable_tqdm,
                                  desc=self.algorithm, enabled=main)
+        completion_log = CompletionLog(cfg.output_dir, start_step=self.global_step,
+                                       enabled=main and cfg.log_completions)
         stopped = False
         try:
+            if cfg.eval_strategy == "steps" and self.global_step == 0:  # the curve's starting point
+                first = {"step": 0, **self.evaluate()}
+                self.history.append(first)
+                tracker.log(first)
             while self.global_step < cfg.max_steps:
                 metrics = self.training_step()
                 tracker.advance()
-                if self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps:
+                logging_step = self.global_step % cfg.logging_steps == 0 or self.global_step == cfg.max_steps
+                if cfg.log_completions and logging_step:  # collective: every rank's rows reach rank 0
+                    completion_log.log(self.completion_rows(self.last_batch))
+                eval_every = cfg.eval_steps or cfg.logging_steps
+                if cfg.eval_strategy == "steps" and (self.global_step % eval_every == 0
+                                                     or self.global_step == cfg.max_steps):
+                    metrics.update(self.evaluate())
+                    logging_step = True
+                self.last_batch = None
+                if logging_step:
                     self.history.append(metrics)
                     tracker.log(metrics)
                 stop = self.dist.any(self._step_end_callbacks(metrics))
@@ -883,17 +906,14 @@ class RLTrainer:
 
     def _training_step(self) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        # every rank draws the same global prompts and keeps its own slice
-        indices = self._local_indices(self.sampler.take(self.config.prompts_per_step))
-        batch = self.rollout(indices)
-        t_gen = time.perf_counter() - t0
-        batch = self.compute_rewards(batch, self.global_step + 1)
+        batch, t_gen = self.sample_batch()
         batch = self.compute_advantages(batch)
         update_metrics = self.update(batch)
         if not self.update_metrics_reduced:
             update_metrics = self.dist.mean_metrics(update_metrics)
         self.engine.sync_weights(self.model)
         self.global_step += 1
+        self.last_batch = batch if self.config.log_completions else None  # for the completion log
         dt = time.perf_counter() - t0
         tokens = int(batch.prompt_mask.sum() + batch.completion_mask.sum())
         if self.dist.enabled:  # global tokens; the slowest rank's times
@@ -911,6 +931,89 @@ class RLTrainer:
         metrics["generation_time"] = t_gen
         metrics["step_time"] = dt
         return metrics
+
+    # ------------------------------------------------------------------ completion logs
+    def completion_rows(self, batch: Rollout) -> List[Dict[str, Any]]:
+        """(step, prompt, completion, each reward, advantage) of the step's completions, every
+        rank's (a collective under torchrun), the first num_completions_to_print of them."""
+        adv = batch.advantages
+        if adv is not None and adv.dim() == 2:   # per-token advantages (PPO): their mean over the completion
+            m = batch.completion_mask.to(adv.dtype)
+            adv = (adv * m).sum(1) / m.sum(1).clamp(min=1)
+        rows = []
+        for i in range(len(batch)):
+            p = batch.prompts[i]
+            c = batch.completions[i]
+            rows.append({
+                "step": self.global_step,
+                "prompt": p if isinstance(p, str) else self._prompt_text(p),
+                "completion": c if isinstance(c, str) else c[-1]["content"],
+                "rewards": {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(self.reward_names)},
+                "reward": float(batch.rewards[i]),
+                "advantage": None if adv is None else float(adv[i]),
+            })
+        if self.dist.enabled:
+            rows = [r for part in self.dist.all_gather_object(rows) for r in part]
+        k = self.config.num_completions_to_print
+        return rows if k is None else rows[:k]
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_settings(self) -> SamplingSettings:
+        """Greedy (top_k=1: the most likely token, through any engine) or sampled as in training
+        with num_generations_eval completions per prompt."""
+        cfg = self.config
+        train = self.sampling_settings()
+        if not cfg.eval_do_sample:
+            return SamplingSettings(n=1, max_tokens=cfg.max_completion_length, temperature=1.0, top_p=1.0, top_k=1)
+        return SamplingSettings(n=cfg.num_generations_eval or cfg.num_generations, max_tokens=train.max_tokens,
+                                temperature=train.temperature, top_p=train.top_p, top_k=train.top_k,
+                                min_p=train.min_p, repetition_penalty=train.repetition_penalty)
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Generate on eval_dataset, score with the reward functions; returns eval_* metrics.
+
+        Runs under its own forked random state seeded from (seed, step), so training's random
+        stream is the same with or without evaluation. Under torchrun every rank evaluates the
+        whole set (generation under FSDP2 is a collective) and the numbers are rank 0's.
+        """
+        cfg = self.config
+        settings = self.eval_settings()
+        k = settings.n
+        per_batch = max(1, cfg.per_device_eval_batch_size // k)
+        n = len(self.eval_dataset)
+        rewards, per_func, lengths = [], [], []
+        was_training = self.model.training
+        with torch.random.fork_rng(devices=self.rng._devices()):
+            torch.manual_seed(cfg.seed * 1_000_003 + self.global_step)
+            for start in range(0, n, per_batch):
+                batch = self.rollout(list(range(start, min(n, start + per_batch))), self.eval_dataset, settings)
+                batch = self.compute_rewards(batch, self.global_step)
+                rewards.append(batch.rewards.double())
+                per_func.append(batch.rewards_per_func.double())
+                lengths.append(batch.completion_mask.sum(1).double().cpu())
+        self.model.train(was_training)
+        r, pf, lengths = torch.cat(rewards), torch.cat(per_func), torch.cat(lengths)
+        ok = ~torch.isnan(r)
+        m: Dict[str, float] = {"eval_reward": float(r[ok].mean()) if ok.any() else math.nan}
+        for j, name in enumerate(self.reward_names):
+            col = pf[:, j][~torch.isnan(pf[:, j])]
+            m[f"eval_rewards/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
+        m["eval_completion_length"] = float(lengths.mean())
+        if k > 1:  # a prompt passes when one of its k completions has a total reward > 0
+            passed = (torch.nan_to_num(r, nan=0.0) > 0).view(-1, k).any(1)
+            m[f"eval_pass@{k}"] = float(passed.double().mean())
+        return m
+
+    def sample_batch(self):
+        """The step's scored rollout and the seconds spent generating it: (Rollout with rewards, t_gen).
+        Every rank draws the same global prompts and keeps its own slice. GRPO's dynamic sampling
+        overrides this to draw more rounds."""
+        t0 = time.perf_counter()
+        indices = self._local_indices(self.sampler.take(self.config.prompts_per_step))
+        batch = self.rollout(indices)
+        t_gen = time.perf_counter() - t0
+        return self.compute_rewards(batch, self.global_step + 1), t_gen
 
     def save_final(self) -> str:
         """Collective under torchrun (FSDP2 gathers the full weights); rank 0 writes."""

@@ -347,6 +347,21 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """Start afresh in an output_dir that holds a run: first delete its metrics, checkpoints, final model, plots, logs and config.yaml (other files stay)."""
     plot: bool = True
     """Write PNG plots of the metric curves to OUTPUT_DIR/plots at the end."""
+    log_completions: bool = False
+    """Every logging step, append a sample of (prompt, completion, rewards, advantage) to OUTPUT_DIR/completions.jsonl and print it."""
+    num_completions_to_print: Optional[int] = None
+    """log_completions: how many completions to log and print per logging step (None: all of the step)."""
+    # --- evaluation (needs the trainer's eval_dataset argument)
+    eval_strategy: str = "no"
+    """Evaluate on eval_dataset: no, or steps (every eval_steps steps and at the end)."""
+    eval_steps: Optional[int] = None
+    """eval_strategy=steps: evaluate every this many steps (None: logging_steps)."""
+    per_device_eval_batch_size: int = 64
+    """Completions per generation batch during evaluation."""
+    eval_do_sample: bool = False
+    """Evaluation samples at the training temperature (True) or decodes greedily (False, one completion per prompt)."""
+    num_generations_eval: Optional[int] = None
+    """eval_do_sample: completions per evaluation prompt, k of eval_pass@k (None: num_generations)."""
     # --- scale-out (used only under torchrun with WORLD_SIZE > 1; see docs/distributed.md)
     distributed: str = "ddp"
     """Parallelism across torchrun processes: ddp (replicated policy) or fsdp2 (fully_shard per decoder layer, sharded checkpoints)."""
@@ -358,6 +373,7 @@ class RLConfig(metaclass=_AcceptsTRLNames):
         "lr_scheduler_type": ("constant", "linear", "cosine"),
         "report_to": ("tensorboard", "none"),
         "distributed": ("ddp", "fsdp2"),
+        "eval_strategy": ("no", "steps"),
     }
 
     # ------------------------------------------------------------------ validation
@@ -404,6 +420,11 @@ class RLConfig(metaclass=_AcceptsTRLNames):
             raise ConfigError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit={self.save_total_limit!r}: must be >= 1 or None")
+        for name in ("eval_steps", "num_generations_eval", "num_completions_to_print"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1 or None")
+        if self.per_device_eval_batch_size < 1:
+            raise ConfigError(f"per_device_eval_batch_size={self.per_device_eval_batch_size!r}: must be >= 1")
 
     @property
     def prompts_per_step(self) -> int:
@@ -502,11 +523,35 @@ class GRPOConfig(RLConfig):
     importance_sampling_level: str = "token"
     """Importance ratios per token (GRPO) or per sequence (GSPO)."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight (0: none)."""
+    """Entropy bonus: loss -= entropy_coef * mean token entropy over the loss mask (TRL); with use_adaptive_entropy, the starting value."""
+    sapo_temperature_pos: float = 1.0
+    """loss_type=sapo: temperature of the soft gate for tokens with a positive advantage (> 0)."""
+    sapo_temperature_neg: float = 1.05
+    """loss_type=sapo: temperature of the soft gate for tokens with a zero or negative advantage (> 0)."""
+    top_entropy_quantile: float = 1.0
+    """Policy term on the tokens whose entropy is in the top q of the batch only (the 80/20 paper), q in [0, 1]; 1.0 = all."""
+    use_bias_correction_kl: bool = True
+    """Multiply the per-token KL term by the importance ratio (DeepSeek-V3.2; TRL's default)."""
+    off_policy_mask_threshold: Optional[float] = None
+    """Drop sequences with A < 0 whose mean log(pi_sampling / pi) exceeds this (DeepSeek-V3.2); None: off."""
+    use_adaptive_entropy: bool = False
+    """Adapt entropy_coef each step towards entropy_target (Skywork-OR1, TRL's rule; docs/losses.md)."""
+    entropy_target: float = 0.2
+    """use_adaptive_entropy: target mean token entropy, in nats."""
+    entropy_coef_delta: float = 0.005
+    """use_adaptive_entropy: step by which the coefficient moves each optimiser step."""
+    entropy_coef_min: float = 0.0
+    """use_adaptive_entropy: lower bound of the coefficient."""
+    entropy_coef_max: float = 1.0
+    """use_adaptive_entropy: upper bound of the coefficient."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling (verl's filter_groups): drop groups whose rewards are all equal and sample more prompts until the step is full."""
+    dynamic_sampling_max_batches: int = 10
+    """dynamic_sampling: at most this many generation rounds per step (0: no limit); when hit, train on the groups there are."""
 
     _CHOICES = dict(RLConfig._CHOICES, **{
         "kl_estimator": ("k1", "k2", "k3"),
-        "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+        "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
         "scale_rewards": ("group", "batch", "none"),
         "advantage_estimator": ("grpo", "rloo"),
         "importance_sampling_level": ("token", "sequence"),
@@ -538,6 +583,20 @@ class GRPOConfig(RLConfig):
             raise ConfigError(f"epsilon_high={self.epsilon_high}: must be >= 0")
         if self.delta is not None and self.delta <= 1 + self.epsilon:
             raise ConfigError(f"delta={self.delta}: must be > 1 + epsilon = {1 + self.epsilon}")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ConfigError("epsilon_high=None: loss_type=cispo needs it (the cap of the importance weight, "
+                              "min(rho, epsilon_high); TRL suggests 5.0)")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ConfigError(f"top_entropy_quantile={self.top_entropy_quantile!r}: must be in [0, 1]")
+        for name in ("entropy_coef", "entropy_coef_delta", "entropy_coef_min", "dynamic_sampling_max_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.entropy_coef_max < self.entropy_coef_min:
+            raise ConfigError(f"entropy_coef_max={self.entropy_coef_max!r}: must be >= entropy_coef_min="
+                              f"{self.entropy_coef_min!r}")
         if self.reward_weights is not None and self.reward_funcs is not None \
                 and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries but reward_funcs "

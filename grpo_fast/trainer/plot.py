@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 from .tracking import read_metrics
 
 # the curves of the overview grid, in order
-OVERVIEW = ["reward", "kl", "entropy", "completion_length", "clip_ratio_region", "loss", "grad_norm",
+OVERVIEW = ["reward", "eval_reward", "kl", "entropy", "completion_length", "clip_ratio_region", "loss", "grad_norm",
             "learning_rate", "tokens_per_s"]
 _SKIP = {"step", "num_tokens"}
 
@@ -59,6 +59,11 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None) -> List[str]:
             if len(sd) == len(ys):
                 ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.2,
                                 label="± mean group std")
+                ax.legend(loc="lower right", fontsize=8)
+        if key == "reward":  # the held-out curve beside the training reward (eval_strategy=steps)
+            ex, ey = _series(rows, "eval_reward")
+            if ex:
+                ax.plot(ex, ey, lw=1.5, marker="o", ms=3, label="eval_reward (held-out)")
                 ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel("step")
         ax.set_title(key)

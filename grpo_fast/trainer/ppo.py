@@ -245,9 +245,12 @@ class PPOTrainer(RLTrainer):
                         kl_estimator=cfg.kl_estimator, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                         clip_ratio_c=cfg.clip_ratio_c, entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
-                        num_items_in_batch=tokens)
-                    # dapo is normalised by the minibatch's token count already; the others per micro-batch
-                    pg = out.loss if cfg.loss_type == "dapo" else out.loss / n_micro
+                        num_items_in_batch=tokens, gradient_accumulation_steps=n_micro,
+                        # PPO keeps the DeepSeekMath KL term (the ops default to TRL's ratio-weighted one)
+                        use_bias_correction_kl=False)
+                    # dapo is normalised by the minibatch's token count already; the per-micro-batch means
+                    # (other loss types, the entropy bonus) are divided by n_micro inside the loss
+                    pg = out.loss
                     vf, n_vclip = self.value_loss(values, old_values[rows], returns[rows], mask[rows], tokens)
                     (pg + cfg.vf_coef * vf).backward()
                     step_pg += float(pg.detach())

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["PromptSampler", "Rollout", "check_dataset", "is_conversational"]
+__all__ = ["PromptSampler", "Rollout", "check_dataset", "concat_rollouts", "is_conversational"]
 
 
 class PromptSampler:
@@ -144,6 +144,23 @@ class Rollout:
         """completion_mask with the rows in `drop` zeroed: a new tensor for Rollout.loss_mask."""
         return self.completion_mask * (~drop).to(self.completion_mask.dtype)[:, None]
 
+    def select(self, rows: List[int]) -> "Rollout":
+        """A new Rollout of the given rows (in that order); every per-sample field follows them.
+        Tensors keep their widths (P, T) and extras are dropped."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        changes: Dict[str, Any] = {"extras": {}}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("group_size", "extras") or v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                changes[f.name] = v.index_select(0, idx.to(v.device))
+            elif isinstance(v, dict):
+                changes[f.name] = {k: [col[i] for i in rows] for k, col in v.items()}
+            else:
+                changes[f.name] = [v[i] for i in rows]
+        return dataclasses.replace(self, **changes)
+
     def model_inputs(self, rows=slice(None)):
         """(input_ids, attention_mask, position_ids), each (n, P + T), of prompt + completion,
         with positions as generate() gives them under left padding."""
@@ -151,3 +168,52 @@ class Rollout:
         attention_mask = torch.cat([self.prompt_mask[rows], self.completion_mask[rows]], dim=1)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return input_ids, attention_mask, position_ids
+
+
+# how each (N, W) tensor field is padded to a common width when rollouts are concatenated:
+# prompts on the left (left-padded), completions on the right
+_LEFT = {"prompt_ids", "prompt_mask"}
+_PAD_ID = {"prompt_ids", "completion_ids"}
+
+
+def concat_rollouts(parts: List["Rollout"], pad_token_id: int) -> "Rollout":
+    """One Rollout of the rows of `parts`, in order (e.g. the rounds of dynamic sampling).
+
+    Prompt tensors are left-padded and completion tensors right-padded to the widest part (ids
+    with pad_token_id, masks and log-probs with 0), so model_inputs gives each row the same
+    tokens and positions as before. Every part must have the same group_size and the same set of
+    fields; extras are dropped.
+    """
+    if not parts:
+        raise ValueError("concat_rollouts: no rollouts")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if any(p.group_size != first.group_size for p in parts):
+        raise ValueError(f"concat_rollouts: group sizes differ: {[p.group_size for p in parts]}")
+    changes: Dict[str, Any] = {"extras": {}}
+    for f in dataclasses.fields(first):
+        if f.name in ("group_size", "extras"):
+            continue
+        vals = [getattr(p, f.name) for p in parts]
+        if all(v is None for v in vals):
+            continue
+        if any(v is None for v in vals):
+            raise ValueError(f"concat_rollouts: Rollout.{f.name} is set in some parts only")
+        if isinstance(vals[0], torch.Tensor):
+            if vals[0].dim() >= 2:
+                width = max(v.shape[1] for v in vals)
+                fill = pad_token_id if f.name in _PAD_ID else 0
+                padded = []
+                for v in vals:
+                    extra = v.new_full((v.shape[0], width - v.shape[1]) + tuple(v.shape[2:]), fill)
+                    padded.append(torch.cat([extra, v] if f.name in _LEFT else [v, extra], dim=1))
+                vals = padded
+            changes[f.name] = torch.cat(vals, dim=0)
+        elif isinstance(vals[0], dict):
+            if any(set(v) != set(vals[0]) for v in vals):
+                raise ValueError(f"concat_rollouts: the parts' {f.name} have different keys")
+            changes[f.name] = {k: [x for v in vals for x in v[k]] for k in vals[0]}
+        else:
+            changes[f.name] = [x for v in vals for x in v]
+    return dataclasses.replace(first, **changes)

@@ -92,3 +92,70 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
             if line:
                 rows.append(json.loads(line))
     return rows
+
+
+# ----------------------------------------------------------------------------- completion logs
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+class CompletionLog:
+    """OUTPUT_DIR/completions.jsonl: one JSON row per logged completion
+    {"step", "prompt", "completion", "rewards": {function: value}, "reward", "advantage"}.
+
+    Opened at the start of train(): rows of steps after `start_step` (the checkpoint a run
+    resumes from; 0 for a fresh run) are dropped, as metrics.jsonl drops its lines.
+    """
+
+    def __init__(self, output_dir: str, *, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, COMPLETIONS_FILE)
+        keep = [r for r in read_completions(self.path) if r.get("step", 0) <= start_step] \
+            if start_step > 0 and os.path.exists(self.path) else []
+        with open(self.path, "w") as fh:
+            for row in keep:
+                fh.write(json.dumps(row) + "\n")
+
+    def log(self, rows: List[Dict[str, Any]], echo: bool = True) -> None:
+        if not self.enabled or not rows:
+            return
+        with open(self.path, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps({k: _jsonable(v) if not isinstance(v, dict) else
+                                     {a: _jsonable(b) for a, b in v.items()} for k, v in row.items()}) + "\n")
+        if echo:
+            tqdm.write(format_completions(rows))
+
+
+def read_completions(path: str) -> List[Dict[str, Any]]:
+    """Rows of a completions.jsonl file (or of RUN_DIR/completions.jsonl when given a directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, COMPLETIONS_FILE)
+    return read_metrics(path)
+
+
+def _cell(v: Any, width: int) -> str:
+    text = v if isinstance(v, str) else ("-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_completions(rows: List[Dict[str, Any]], width: int = 40) -> str:
+    """A plain-text table of completion rows: step | prompt | completion | each reward | advantage."""
+    if not rows:
+        return "(no completions)"
+    names: List[str] = []
+    for r in rows:
+        for k in (r.get("rewards") or {}):
+            if k not in names:
+                names.append(k)
+    header = ["step", "prompt", "completion"] + names + ["advantage"]
+    table = [[_cell(r.get("step"), 8), _cell(r.get("prompt"), width), _cell(r.get("completion"), width)]
+             + [_cell((r.get("rewards") or {}).get(n), 12) for n in names] + [_cell(r.get("advantage"), 10)]
+             for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
+    out = [line(header), "-+-".join("-" * w for w in widths)] + [line(t) for t in table]
+    return "\n".join(out)
