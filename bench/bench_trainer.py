@@ -41,12 +41,12 @@ def trl_status():
     return trl, "ok"
 
 
-def run_ours(parts, steps: int, out_dir: str, seed: int = 0):
+def run_ours(parts, steps: int, out_dir: str, seed: int = 0, fused_lm_head: bool = True):
     from grpo_fast.trainer import GRPOConfig, GRPOTrainer
 
     cfg = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
                      save_steps=0, disable_tqdm=True, report_to="none", plot=False, save_final_model=False,
-                     max_prompt_length=16, **dict(SETTINGS, seed=seed))
+                     max_prompt_length=16, fused_lm_head=fused_lm_head, **dict(SETTINGS, seed=seed))
     stamps = []
     trainer = GRPOTrainer(copy.deepcopy(parts["model"]), parts["reward_funcs"], parts["train_dataset"],
                           config=cfg, tokenizer=parts["tokenizer"],
@@ -84,7 +84,7 @@ def run_trl(parts, steps: int, out_dir: str, seed: int = 0):
     return rewards, elapsed, [t0] + stamps
 
 
-def compare(steps: int, png: str = None, threads: int = 1, seeds: int = 1):
+def compare(steps: int, png: str = None, threads: int = 1, seeds: int = 1, fused_lm_head: bool = True):
     trl, reason = trl_status()
     if trl is None:
         return {"skipped": reason}
@@ -98,7 +98,7 @@ def compare(steps: int, png: str = None, threads: int = 1, seeds: int = 1):
     ours_r, ours_t, ours_s, trl_r, trl_t, trl_s = [], 0.0, [], [], 0.0, []
     curves = []
     for seed in range(seeds):  # the training seed; the warmed-up starting model is the same
-        r1, t1, s1 = run_ours(parts, steps, os.path.join(tmp, f"ours{seed}"), seed)
+        r1, t1, s1 = run_ours(parts, steps, os.path.join(tmp, f"ours{seed}"), seed, fused_lm_head)
         r2, t2, s2 = run_trl(parts, steps, os.path.join(tmp, f"trl{seed}"), seed)
         curves.append((r1, r2))
         ours_r.append(r1), trl_r.append(r2)
@@ -121,7 +121,7 @@ def compare(steps: int, png: str = None, threads: int = 1, seeds: int = 1):
         "per_seed_last": [(sum(a[-k:]) / k, sum(b[-k:]) / k) for a, b in curves],
         "versions": f"grpo_fast (this repo), trl {trl.__version__}, transformers {transformers.__version__}, "
                     f"torch {torch.__version__}, python {platform.python_version()}",
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "fused_lm_head": fused_lm_head,
     }
     if png:
         import matplotlib
@@ -157,7 +157,7 @@ def markdown(res) -> str:
         "| trainer | median step (ms) | steps/s (median) | total train time (s) | mean reward, first {k} steps "
         "| mean reward, last {k} steps | mean reward, all steps |".format(k=k),
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| grpo_fast GRPOTrainer | {res['ours_ms']:.1f} | {res['ours_steps_per_s']:.1f} | {res['ours_time']:.1f} "
+        f"| grpo_fast GRPOTrainer (fused_lm_head={res['fused_lm_head']}) | {res['ours_ms']:.1f} | {res['ours_steps_per_s']:.1f} | {res['ours_time']:.1f} "
         f"| {res['ours_first']:.3f} | {res['ours_last']:.3f} | {res['ours_all']:.3f} |",
         f"| TRL GRPOTrainer | {res['trl_ms']:.1f} | {res['trl_steps_per_s']:.1f} | {res['trl_time']:.1f} "
         f"| {res['trl_first']:.3f} | {res['trl_last']:.3f} | {res['trl_all']:.3f} |",
@@ -188,8 +188,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both trainers")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per trainer (curves are averaged)")
     p.add_argument("--png", default=os.path.join(HERE, "..", "docs", "bench_trainer_rewards.png"))
+    p.add_argument("--fused_lm_head", type=int, choices=(0, 1), default=1,
+                   help="1: grpo_fast through the fused LM head (the default); 0: the logits path")
     a = p.parse_args(argv)
-    res = compare(a.steps, os.path.normpath(a.png), a.threads, a.seeds)
+    res = compare(a.steps, os.path.normpath(a.png) if a.png else None, a.threads, a.seeds, bool(a.fused_lm_head))
     print(markdown(res))
     if "png" in res:
         print(f"reward curves: {res['png']}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on a GPU machine (the device tool's H100/H200) from the repo root:
-#   the package built with its CUDA C++, the whole test suite on CUDA, the benchmarks,
-#   everything written under $OUT (default ./gpu-out).
+#   the package built with its CUDA C++, the whole test suite on CUDA (kernels, fused LM head,
+#   trainers), the benchmarks (policy_loss, the fused LM head, vLLM rollouts when vllm is carried),
+#   everything written under $OUT (default ./gpu-out). Stages: all | test | bench | vllm.
 # The GPU machine reaches no package registry: its image has torch, triton,
 # scikit-build-core, pybind11, cmake and ninja; other packages come as wheels in .whl/
 # (scripts/fetch_gpu_wheels.sh, run here first; .whl/ is git-ignored, name it in `carry`).
@@ -25,4 +26,13 @@ if [[ $STAGE == all || $STAGE == bench ]]; then
   python3 -m pytest bench/bench_policy_loss.py -q -p no:cacheprovider --benchmark-json="$OUT/bench_policy_loss.json" \
     --benchmark-columns=median,min,rounds 2>&1 | tee "$OUT/bench.log" | tail -60
   python3 bench/report.py "$OUT/bench_policy_loss.json" > "$OUT/RESULTS-gpu.md" && cat "$OUT/RESULTS-gpu.md"
+  # the fused LM head (issue 12): N = 16384, H in {896, 4096}, V = 151936, bf16, against TRL's chunked op
+  python3 -m pytest bench/bench_fused_head.py -q -p no:cacheprovider --benchmark-json="$OUT/bench_fused_head.json" \
+    --benchmark-columns=median,min,rounds 2>&1 | tee "$OUT/bench_fused_head.log" | tail -40
+  python3 bench/report.py "$OUT/bench_fused_head.json" >> "$OUT/RESULTS-gpu.md"
+fi
+if [[ $STAGE == all || $STAGE == vllm ]]; then
+  # vLLM on the GPU only when a `vllm` wheel was carried in .whl/ (it pins its own CUDA torch)
+  python3 -c "import vllm" 2>/dev/null && python3 bench/bench_rollout.py 2>&1 | tee "$OUT/bench_rollout.log" | tail -20 \
+    || echo "vllm not importable on the GPU machine: the vLLM GPU benchmark stays unmeasured" | tee "$OUT/bench_rollout.log"
 fi
