@@ -68,12 +68,14 @@ def test_reward_with_a_named_column_and_log_callbacks(demo_parts, tmp_path):
         kwargs["log_extra"]("judge_note", [f"n{i}" for i in range(len(completions))])
         return [1.0 if str(a) in c else 0.0 for c, a in zip(completions, answer)]
 
-    trainer = trainer_for(demo_parts, tiny(tmp_path), reward)
+    trainer = trainer_for(demo_parts, tiny(tmp_path, log_completions=True), reward)
     history = trainer.train()
     assert calls == [8]
     assert history[0]["my_score"] == 3.0              # mean over the step's log_metric calls
     rows = [json.loads(x) for x in open(os.path.join(tmp_path / "run", "metrics.jsonl"))]
     assert rows[0]["my_score"] == 3.0
+    logged = [json.loads(x) for x in open(os.path.join(tmp_path / "run", "completions.jsonl"))]
+    assert [r["judge_note"] for r in logged] == [f"n{i}" for i in range(8)]   # log_extra's column
 
 
 def test_builtin_and_trl_rewards_together(demo_parts, tmp_path):

@@ -951,6 +951,8 @@ class RLTrainer:
                 "rewards": {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(self.reward_names)},
                 "reward": float(batch.rewards[i]),
                 "advantage": None if adv is None else float(adv[i]),
+                # the reward functions' log_extra columns, one value per completion
+                **{k: v[i] for k, v in batch.extras.get("log_extra", {}).items() if i < len(v)},
             })
         if self.dist.enabled:
             rows = [r for part in self.dist.all_gather_object(rows) for r in part]
