@@ -6,6 +6,7 @@
                     --reward_funcs accuracy format --reward_weights 1.0 0.2
     grpo-fast plot runs/demo                         # PNGs of the metric curves into runs/demo/plots
     grpo-fast show runs/demo [--step N]              # the completions logged at a step (log_completions)
+    grpo-fast vllm-serve --model PATH --port 8000    # a vLLM rollout server (use_vllm, vllm_mode=server)
     torchrun --nproc_per_node 4 -m grpo_fast train --config run.yaml [--distributed fsdp2]   # docs/distributed.md
 
 Every field of the algorithm's config is an option (--FIELD VALUE; booleans also as a bare --FIELD);
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from . import demo, rewards
 from .trainer import ConfigError, CorruptCheckpointError, NonFiniteUpdateError, RewardFunctionError
 from .trainer.config import load_yaml
+from .trainer import vllm_server
 from .trainer.plot import plot_run
 from .trainer.tracking import COMPLETIONS_FILE, format_completions, read_completions
 
@@ -243,6 +245,8 @@ USAGE = """usage: grpo-fast {train,plot,show} ...
         write PNG plots of RUN_DIR/metrics.jsonl
   show RUN_DIR [--step N]
         print the completions logged at step N (default: the last) by log_completions
+  vllm-serve --model PATH [--host 127.0.0.1] [--port 8000] [...]
+        serve rollouts from vLLM for a trainer with use_vllm and vllm_mode=server (docs/vllm.md)
 """
 
 
@@ -258,6 +262,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_plot(rest)
         if cmd == "show":
             return cmd_show(rest)
+        if cmd == "vllm-serve":
+            return vllm_server.main(rest)
         if cmd in ("-h", "--help", "help"):
             print(USAGE)
             return 0

@@ -53,11 +53,11 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
     """A tiny Llama (about 70k parameters at the defaults) from a config, randomly initialised."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         max_position_embeddings=64, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -161,14 +161,16 @@ def accuracy(model, tokenizer, data, *, max_new_tokens: int = 4) -> float:
 
 
 def build_demo(seed: int = 0, *, warmup_steps: int = 60, teacher_accuracy: float = 1.0,
-               verbose: bool = True, holdout: bool = False) -> Dict[str, Any]:
+               verbose: bool = True, holdout: bool = False, num_heads: int = 4) -> Dict[str, Any]:
     """Tokenizer, warmed-up tiny model, dataset and reward function of the built-in task.
 
     holdout=True: train_dataset (warm-up and RL) has 80 pairs and eval_dataset the other 20
     (split_holdout); False: all 100 pairs train and eval_dataset is None.
+    num_heads: attention heads of the tiny Llama (2 gives head_dim 32, the smallest vLLM's CPU
+    attention supports; the demo uses it with use_vllm).
     """
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, num_heads=num_heads, seed=seed)
     data, held_out = split_holdout(addition_dataset()) if holdout else (addition_dataset(), None)
     loss = warmup(model, tokenizer, data, steps=warmup_steps, teacher_accuracy=teacher_accuracy, seed=seed)
     if verbose:
@@ -194,7 +196,9 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
     try:
         t0 = time.perf_counter()
         rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-        parts = build_demo(config.seed, verbose=rank0, holdout=True)
+        # vLLM's CPU attention needs head_dim >= 32: 2 heads of 32 instead of 4 of 16 with use_vllm
+        parts = build_demo(config.seed, verbose=rank0, holdout=True,
+                           num_heads=2 if getattr(config, "use_vllm", False) else 4)
         trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"],
                               config=config, tokenizer=parts["tokenizer"], eval_dataset=parts["eval_dataset"])
         history = trainer.train()
@@ -207,7 +211,7 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
     if rewards:
         tail = rewards[-10:]
         print(f"[demo] mean reward: first {rewards[0]:.3f} -> last {rewards[-1]:.3f} "
-              f"(mean of the last {len(tail)}: {sum(tail) / len(tail):.3f}) over {len(history)} logged steps; "
+              f"(mean of the last {len(tail)}: {sum(tail) / len(tail):.3f}) over {len(rewards)} logged steps; "
               f"wall time {elapsed:.0f}s including the warm-up")
     evals = [h["eval_reward"] for h in history if h.get("eval_reward") is not None]
     if evals:

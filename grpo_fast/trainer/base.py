@@ -33,13 +33,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from transformers import AutoTokenizer, TrainerCallback, TrainerControl, TrainerState
 
+from ..ops import policy_loss, policy_loss_from_hidden, selective_log_softmax, selective_log_softmax_from_hidden
 from ..rewards import RewardModel
+from ..rl import rollout_importance_weights, rollout_logp_mismatch
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import ConfigError, RLConfig
 from .engine import HFEngine, RolloutEngine, SamplingSettings, left_pad, right_pad
+from .vllm_engine import VLLMColocateEngine, VLLMOptions, VLLMServerEngine
 from .plot import plot_run
-from .policy import accepts_index_logits_to_keep, forward_logits, is_peft, load_policy, set_dropout_zero
+from .policy import (accepts_index_logits_to_keep, forward_logits, fused_head_for, is_peft, load_policy,
+                     set_dropout_zero, unwrap)
 from .rollout import PromptSampler, Rollout, check_dataset, is_conversational
 from .tracking import CompletionLog, MetricsTracker
 
@@ -231,9 +235,10 @@ class RLTrainer:
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.sampler = PromptSampler(len(self.train_dataset), cfg.seed, cfg.shuffle_dataset)
-        self.engine = engine if engine is not None else HFEngine(
-            self.model, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            device=self.device, synced_gpus=self.dist.enabled and self.dist.mode == "fsdp2")
+        # the fused LM head (log-probs and loss from hidden states, no logits), checked once on a short input
+        self.fused_head = self._fused_head_of(self.model) if cfg.fused_lm_head else None
+        self.ref_fused_head = None
+        self.engine = engine if engine is not None else self._build_engine()
         self.callbacks = list(callbacks or [])
         for cb in self.callbacks:
             if isinstance(cb, type) and issubclass(cb, TrainerCallback):
@@ -267,6 +272,31 @@ class RLTrainer:
         self.plot_paths: List[str] = []
         self.last_checkpoint: Optional[str] = None
 
+    def _build_engine(self) -> RolloutEngine:
+        """HF generate, or vLLM (use_vllm): in-process (colocate; one engine per rank under torchrun)
+        or a client of `grpo-fast vllm-serve` (server)."""
+        cfg = self.config
+        if not cfg.use_vllm:
+            return HFEngine(self.model, eos_token_id=self.tokenizer.eos_token_id,
+                            pad_token_id=self.tokenizer.pad_token_id, device=self.device,
+                            synced_gpus=self.dist.enabled and self.dist.mode == "fsdp2")
+        if self.dist.enabled and self.dist.mode == "fsdp2":
+            raise ConfigError("use_vllm with distributed=fsdp2 is not supported (the engine needs the full "
+                              "weights on every rank); use distributed=ddp")
+        seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own completions
+        if cfg.vllm_mode == "server":
+            engine = VLLMServerEngine(cfg.vllm_server_host, cfg.vllm_server_port,
+                                      server_timeout=cfg.vllm_server_timeout, seed=seed)
+            engine.sync_weights(self.model)  # the server may have started from other weights
+            return engine
+        # the engine runs in the policy's dtype, so its log-probs are the trainer's (exactly, in fp32)
+        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        options = VLLMOptions(dtype=dtype, max_model_len=cfg.vllm_max_model_length,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                              kv_cache_gib=cfg.vllm_kv_cache_gib, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                              seed=seed, max_num_seqs=max(cfg.completions_per_step, 1))
+        return VLLMColocateEngine(self.model, self.tokenizer, options)
+
     # ------------------------------------------------------------------ phase-2 helpers
     def build_reference_model(self, needed: bool, ref_model=None):
         """A frozen copy of the policy (or the user's reference, a model or a local path) when
@@ -280,7 +310,10 @@ class RLTrainer:
         ref.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
-        return ref.to(self.device)
+        ref = ref.to(self.device)
+        if self.config.fused_lm_head:
+            self.ref_fused_head = self._fused_head_of(ref, name="reference model")
+        return ref
 
     def ref_context(self):
         """Context in which self.model acts as the reference (PEFT: adapter disabled)."""
@@ -465,6 +498,71 @@ class RLTrainer:
         """Logits of the completion tokens only: (n, T, V), the prompt's logits are never made."""
         return forward_logits(model, batch, rows, index_logits_to_keep=self.index_logits_to_keep)
 
+    # ------------------------------------------------------------------ log-probs and losses
+    def _fused_head_of(self, model, name: str = "policy"):
+        ids = self.tokenizer(self._prompt_text(self.train_dataset[0]["prompt"]), add_special_tokens=False)["input_ids"]
+        check = torch.tensor([ids[-16:] or [self.tokenizer.eos_token_id]], device=self.device)   # (1, L)
+        head, why = fused_head_for(model, dist=self.dist, index_logits_to_keep=self.index_logits_to_keep,
+                                   check_ids=check)
+        if head is None and self.dist.is_main:
+            print(f"[grpo_fast] fused_lm_head: the {name} computes logits instead: {why}")
+        return head
+
+    def head_for(self, model):
+        """The FusedHead to use for `model` (the policy, its wrapper, or the reference), or None."""
+        if self.fused_head is not None and unwrap(model) is unwrap(self.model):
+            return self.fused_head
+        if self.ref_fused_head is not None and model is self.ref_model:
+            return self.ref_fused_head
+        return None
+
+    def token_logps(self, model, batch: Rollout, rows=slice(None)) -> torch.Tensor:
+        """(n, T) float32 log-probs of the completion tokens under `model` at the sampling temperature."""
+        return self.logps_from(model, self.features(model, batch, rows), batch.completion_ids[rows])
+
+    def engine_correction(self, batch: Rollout, trainer_logps: torch.Tensor):
+        """With an engine that returns its log-probs (vLLM): the mismatch metrics every step, and with
+        vllm_importance_sampling_correction the IS weights of the samples (TRL's definition,
+        grpo_fast.rl.rollout_importance_weights). -> (weights or None, metrics)."""
+        cfg = self.config
+        if batch.engine_logps is None:
+            return None, {}
+        metrics = rollout_logp_mismatch(trainer_logps, batch.engine_logps, batch.completion_mask)
+        if not cfg.vllm_importance_sampling_correction:
+            return None, metrics
+        weights, more = rollout_importance_weights(
+            trainer_logps, batch.engine_logps, batch.completion_mask, cfg.vllm_importance_sampling_mode,
+            cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max)
+        metrics.update(more)
+        return weights, metrics
+
+    def features(self, model, batch: Rollout, rows=slice(None)) -> torch.Tensor:
+        """What the loss of `model` starts from: the last hidden states (n, T, H) when it has a fused
+        head, else the completion logits (n, T, V)."""
+        head = self.head_for(model)
+        return head.hidden(model, batch, rows) if head is not None else self.forward_logits(model, batch, rows)
+
+    def logps_from(self, model, features: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """(n, T) log-probs from features(model, ...)."""
+        head, t = self.head_for(model), self.config.temperature
+        if head is not None:
+            return selective_log_softmax_from_hidden(features, token_ids=token_ids, temperature=t,
+                                                     **head.head_args(model))
+        return selective_log_softmax(features, token_ids, t)
+
+    def policy_loss_of(self, model, batch: Rollout, rows, advantages, mask, features=None, **options):
+        """policy_loss of `model` on rows of the batch: from the hidden states through the fused head,
+        else from the logits, whose gradient is then written into the logits tensor itself
+        (inplace_grad: they are not needed afterwards). `features` when the caller has them already."""
+        ids = batch.completion_ids[rows]
+        if features is None:
+            features = self.features(model, batch, rows)                       # (n, T, H) or (n, T, V)
+        head = self.head_for(model)
+        if head is not None:
+            return policy_loss_from_hidden(features, token_ids=ids, advantages=advantages, mask=mask,
+                                           **head.head_args(model), **options)
+        return policy_loss(features, ids, advantages, mask, inplace_grad=True, **options)
+
     # ------------------------------------------------------------------ rewards
     def _call_reward(self, f, name: str, batch: Rollout, step: int, sel: Optional[List[int]] = None):
         """f called as TRL calls it: keywords only (prompts, completions, completion_ids, each
@@ -611,6 +709,9 @@ class RLTrainer:
         state = {"step": self.global_step, "rng": self.rng.state_dict(),
                  "sampler": self.sampler.state_dict(), "history": self.history, "num_tokens": self.num_tokens,
                  "config": self.config.to_dict(), "algorithm": self.algorithm, "extra": self.extra_state()}
+        engine_state = getattr(self.engine, "state_dict", None)
+        if callable(engine_state):  # e.g. the vLLM engines' sampling-seed generator
+            state["engine"] = engine_state()
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.optimizer is not None and not sharded:  # FSDP2: the optimiser state is in the sharded files
@@ -666,6 +767,8 @@ class RLTrainer:
         self.history = list(state["history"])
         self.num_tokens = int(state.get("num_tokens", 0))
         self.load_extra_state(state.get("extra", {}), path)
+        if "engine" in state and callable(getattr(self.engine, "load_state_dict", None)):
+            self.engine.load_state_dict(state["engine"])
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == self.dist.world_size:
             self.rng.load_state_dict(per_rank[self.dist.rank])
@@ -747,6 +850,7 @@ class RLTrainer:
         self.dist.barrier()
         if wants_resume:
             self._resume(spec)
+            self.engine.sync_weights(self.model)  # an engine with its own copy samples the resumed weights
         self._run_callbacks("on_train_begin")
 
     def _resume(self, spec) -> None:

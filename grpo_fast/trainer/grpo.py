@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..ops import group_advantages, policy_loss, selective_log_softmax
+from ..ops import group_advantages
 from . import distributed as dist_utils
 from .base import RLTrainer
 from .config import GRPOConfig
@@ -191,11 +191,19 @@ class GRPOTrainer(RLTrainer):
         if cfg.mask_truncated_completions:
             keep = (~batch.truncated).to(batch.completion_mask.dtype)[:, None]
             fields["loss_mask"] = batch.completion_mask * keep
-        if cfg.num_iterations > 1:
+        if cfg.num_iterations > 1 or batch.engine_logps is not None:
             was = self.model.training
             self.model.eval()
-            fields["old_logps"] = self._logps(self.model, batch)
+            old_logps = self._logps(self.model, batch)                         # (N, T) the trainer's, at rollout
             self.model.train(was)
+            # an engine's samples (vLLM): log the mismatch; with the IS correction the loss weighs each
+            # sample by trainer / engine likelihood and keeps these as old log-probs, as TRL does
+            weights, metrics = self.engine_correction(batch, old_logps)
+            batch.extras.setdefault("metrics", {}).update(metrics)
+            if weights is not None:
+                fields["importance_weights"] = weights
+            if cfg.num_iterations > 1 or weights is not None:
+                fields["old_logps"] = old_logps
         if cfg.beta > 0:
             with self.ref_context():
                 fields["ref_logps"] = self._logps(self.ref_model if self.ref_model is not None else self.model, batch)
@@ -207,9 +215,7 @@ class GRPOTrainer(RLTrainer):
         mb = self.config.per_device_train_batch_size
         out = []
         for start in range(0, len(batch), mb):
-            rows = slice(start, start + mb)
-            logits = self.forward_logits(model, batch, rows)                   # (mb, T, V)
-            out.append(selective_log_softmax(logits, batch.completion_ids[rows], self.config.temperature))
+            out.append(self.token_logps(model, batch, slice(start, start + mb)))   # (mb, T)
         return torch.cat(out)                                                   # (N, T)
 
     # ------------------------------------------------------------------ the update
@@ -312,9 +318,9 @@ class GRPOTrainer(RLTrainer):
         if entropy_coef is None:
             entropy_coef = self._applied_entropy_coef()
         mask = batch.mask
-        logits = self.forward_logits(self.wrapped_model, batch, rows)            # (mb, T, V)
-        out = policy_loss(
-            logits, batch.completion_ids[rows], batch.advantages[rows], mask[rows],
+        # through the fused LM head (hidden states, no logits) unless the model rules it out
+        out = self.policy_loss_of(
+            self.wrapped_model, batch, rows, batch.advantages[rows], mask[rows],
             old_logps=None if batch.old_logps is None else batch.old_logps[rows],
             ref_logps=None if batch.ref_logps is None else batch.ref_logps[rows],
             loss_type=cfg.loss_type, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
@@ -326,6 +332,7 @@ class GRPOTrainer(RLTrainer):
             top_entropy_quantile=cfg.top_entropy_quantile, use_bias_correction_kl=cfg.use_bias_correction_kl,
             off_policy_mask_threshold=cfg.off_policy_mask_threshold,
             sampling_logps=None if batch.engine_logps is None else batch.engine_logps[rows],
+            importance_weights=None if batch.importance_weights is None else batch.importance_weights[rows],
             entropy_gather=self._gather_entropies if self.dist.enabled and cfg.top_entropy_quantile < 1 else None)
         # dapo / cispo are normalised over the whole accumulated batch (num_items_in_batch), the
         # others per micro-batch divided by gradient_accumulation_steps inside the loss

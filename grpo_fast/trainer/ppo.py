@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..ops import gae, policy_loss, selective_log_softmax
+from ..ops import gae
 from ..rl import AdaptiveKLController, explained_variance, masked_mean, masked_var, masked_whiten, token_rewards
 from . import distributed as dist_utils
 from .base import RLTrainer
@@ -108,8 +108,13 @@ class PPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ forward passes
     def forward(self, batch: Rollout, rows):
-        """-> logits (n, T, V), values (n, T) float32, with the current policy and critic."""
-        if self.critic.head is not None:
+        """-> the policy's features (hidden states (n, T, H) through the fused head, else logits
+        (n, T, V)) and the values (n, T) float32, with the current policy and critic."""
+        shared = self.critic.head is not None
+        if self.head_for(self.model) is not None:
+            hidden = self.features(self.model, batch, rows)                    # (n, T, H)
+            return hidden, self.critic.values(batch, rows, hidden if shared else None)
+        if shared:
             logits, hidden = forward_hidden(self.model, batch, rows)
             return logits, self.critic.values(batch, rows, hidden)
         return self.forward_logits(self.model, batch, rows), self.critic.values(batch, rows)
@@ -128,14 +133,13 @@ class PPOTrainer(RLTrainer):
             for start in range(0, len(batch), mb):
                 rows = slice(start, start + mb)
                 ids = batch.completion_ids[rows]
-                logits, v = self.forward(batch, rows)
-                logps.append(selective_log_softmax(logits, ids, cfg.temperature))
+                feats, v = self.forward(batch, rows)
+                logps.append(self.logps_from(self.model, feats, ids))
                 values.append(v.float())
                 if cfg.beta > 0:
                     with self.ref_context():
                         ref_model = self.ref_model if self.ref_model is not None else self.model
-                        ref_logits = self.forward_logits(ref_model, batch, rows)
-                    ref.append(selective_log_softmax(ref_logits, ids, cfg.temperature))
+                        ref.append(self.token_logps(ref_model, batch, rows))
         finally:
             for m, w in zip(modules, was):
                 m.train(w)
@@ -176,7 +180,11 @@ class PPOTrainer(RLTrainer):
         metrics["explained_variance"] = explained_variance(values, returns, mask)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, sum_floats=self.dist.sum_floats if self.dist.enabled else None)
-        batch = batch.with_fields(advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
+        # an engine's samples (vLLM): the mismatch metrics, and the IS weights of the policy term
+        is_weights, engine_metrics = self.engine_correction(batch, old_logps)
+        metrics.update(engine_metrics)
+        batch = batch.with_fields(advantages=advantages, old_logps=old_logps, ref_logps=ref_logps,
+                                  importance_weights=is_weights)
         batch.extras["values"] = values
         batch.extras["returns"] = returns
         batch.extras["token_rewards"] = rewards
@@ -236,10 +244,11 @@ class PPOTrainer(RLTrainer):
                 step_pg = step_vf = 0.0
                 for ms in range(0, len(idx), micro):
                     rows = idx[ms:ms + micro]
-                    logits, values = self.forward(batch, rows)                # (n, T, V), (n, T)
-                    out = policy_loss(
-                        logits, batch.completion_ids[rows], batch.advantages[rows], mask[rows],
+                    feats, values = self.forward(batch, rows)                 # (n, T, H or V), (n, T)
+                    out = self.policy_loss_of(
+                        self.model, batch, rows, batch.advantages[rows], mask[rows], features=feats,
                         old_logps=batch.old_logps[rows],
+                        importance_weights=None if batch.importance_weights is None else batch.importance_weights[rows],
                         ref_logps=batch.ref_logps[rows] if loss_in_kl else None,
                         loss_type=cfg.loss_type, beta=self.kl_coef if loss_in_kl else 0.0,
                         kl_estimator=cfg.kl_estimator, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,

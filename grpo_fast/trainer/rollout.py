@@ -116,6 +116,7 @@ class Rollout:
     loss_mask: Optional[torch.Tensor] = None          # (N, T) the tokens the loss uses (completion_mask
                                                       # minus dropped samples); None: completion_mask
     old_logps: Optional[torch.Tensor] = None          # (N, T)
+    importance_weights: Optional[torch.Tensor] = None  # (N, T) or (N, 1) engine-mismatch IS weights (vLLM)
     ref_logps: Optional[torch.Tensor] = None          # (N, T)
     extras: Dict[str, Any] = field(default_factory=dict)
 
