@@ -400,3 +400,11 @@ def test_logits_to_keep_decided_from_the_signature(demo_parts):
                     truncated=torch.tensor([False]), group_size=1)
     with pytest.raises(RuntimeError, match="out of memory"):
         forward_logits(OOM(), batch, slice(None), index_logits_to_keep=accepts_index_logits_to_keep(OOM()))
+
+
+def test_a_trl_config_object_is_refused_with_the_fix(demo_parts):
+    trl = pytest.importorskip("trl")
+    with pytest.raises(TypeError, match="from grpo_fast import GRPOConfig"):
+        GRPOTrainer(copy.deepcopy(demo_parts["model"]), accuracy_reward, demo_parts["train_dataset"][:4],
+                    args=trl.GRPOConfig(output_dir="unused", report_to="none", use_cpu=True, bf16=False),
+                    processing_class=demo_parts["tokenizer"])

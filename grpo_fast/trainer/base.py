@@ -188,7 +188,11 @@ class RLTrainer:
         tokenizer = resolve_alias("tokenizer", tokenizer, "processing_class", processing_class)
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
-            raise TypeError(f"config: expected {self.config_class.__name__}, got {type(self.config).__name__}")
+            kind = type(self.config)
+            raise TypeError(f"config: expected grpo_fast's {self.config_class.__name__}, got {kind.__module__}."
+                            f"{kind.__name__}" + (" (import the config from grpo_fast as well: from grpo_fast import "
+                                                  f"{self.config_class.__name__})" if kind.__module__.startswith("trl")
+                                                  else ""))
         cfg = self.config
         # a folder we cannot write to fails now, not after the model has loaded and a step has run
         ckpt.check_writable(cfg.output_dir)
