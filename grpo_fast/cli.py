@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import demo, rewards
 from .trainer import ConfigError, CorruptCheckpointError, NonFiniteUpdateError, RewardFunctionError
-from .trainer.config import load_yaml
+from .trainer.config import TRL_ALIASES, TRL_PLANNED, TRL_REFUSED, load_yaml
 from .trainer import vllm_server
 from .trainer.plot import plot_run
 from .trainer.tracking import COMPLETIONS_FILE, format_completions, read_completions
@@ -87,6 +87,10 @@ def _field_parser(config_cls) -> argparse.ArgumentParser:
         else:
             kwargs.update(metavar=getattr(base, "__name__", "VALUE").upper())
         p.add_argument(*flags, **kwargs)
+    # TRL's names that are not fields here: mapped (--bf16) or refused with a message naming them
+    for name in sorted(set(TRL_ALIASES) | set(TRL_REFUSED) | set(TRL_PLANNED)):
+        if name not in config_cls.field_names():
+            p.add_argument(f"--{name}", dest=name, nargs="?", const="true", help=argparse.SUPPRESS)
     return p
 
 

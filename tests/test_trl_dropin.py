@@ -408,3 +408,13 @@ def test_a_trl_config_object_is_refused_with_the_fix(demo_parts):
         GRPOTrainer(copy.deepcopy(demo_parts["model"]), accuracy_reward, demo_parts["train_dataset"][:4],
                     args=trl.GRPOConfig(output_dir="unused", report_to="none", use_cpu=True, bf16=False),
                     processing_class=demo_parts["tokenizer"])
+
+
+def test_cli_takes_trl_names():
+    _, config_cls, _, values = cli.parse_train_args(["--bf16", "--save_strategy", "no"])
+    assert config_cls.from_dict(values).dtype == "bfloat16" and config_cls.from_dict(values).save_steps == 0
+    _, _, _, values = cli.parse_train_args(["--bf16", "false"])
+    assert GRPOConfig.from_dict(values).dtype == "float32"
+    _, _, _, values = cli.parse_train_args(["--deepspeed", "ds.json"])
+    with pytest.raises(ConfigError, match="deepspeed='ds.json': a TRL field not supported here"):
+        GRPOConfig.from_dict(values)

@@ -48,8 +48,17 @@ def _one_of(name: str, accepted, reason: str):
     return check
 
 
+def _truthy(value) -> bool:
+    """A flag's value as YAML or the command line gives it ("false" is False)."""
+    if isinstance(value, str):
+        if value.lower() not in _TRUE | _FALSE:
+            raise ConfigError(f"{value!r}: expected true or false")
+        return value.lower() in _TRUE
+    return bool(value)
+
+
 def _precision(dtype: str):
-    return lambda value: {"dtype": dtype} if value else {}
+    return lambda value: {"dtype": dtype} if _truthy(value) else {}
 
 
 def _save_strategy(value):
@@ -65,7 +74,7 @@ def _save_strategy(value):
 TRL_ALIASES: Dict[str, Any] = {
     "bf16": _precision("bfloat16"),
     "fp16": _precision("float16"),
-    "use_cpu": lambda value: {"device": "cpu"} if value else {},
+    "use_cpu": lambda value: {"device": "cpu"} if _truthy(value) else {},
     "save_strategy": _save_strategy,
     "logging_strategy": _one_of("logging_strategy", ("steps",), "logging is every logging_steps steps"),
 }
