@@ -840,18 +840,21 @@ class RLTrainer:
         if isinstance(spec, bool):
             spec = "latest" if spec else None
         wants_resume = spec is not None and str(spec).lower() not in ("", "false", "none")
+        error = None
         if self.dist.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
             found = ckpt.previous_run(cfg.output_dir)
             if found and not wants_resume:
                 if not cfg.overwrite_output_dir:
-                    raise ckpt.OutputDirError(
+                    error = ckpt.OutputDirError(
                         f"output_dir {cfg.output_dir!r} already holds a run ({', '.join(found[:4])}"
                         f"{', ...' if len(found) > 4 else ''}): continue it with --resume_from_checkpoint latest "
                         "(resume_from_checkpoint='latest'), or start afresh with --overwrite_output_dir "
                         "(overwrite_output_dir=True, which deletes that run's files), or pick another output_dir")
-                ckpt.clear_run(cfg.output_dir)
-        self.dist.barrier()
+                else:
+                    ckpt.clear_run(cfg.output_dir)
+        if self.dist.any(error is not None):  # every rank stops, not only rank 0
+            raise error or ckpt.OutputDirError(f"output_dir {cfg.output_dir!r} already holds a run (see rank 0)")
         if wants_resume:
             self._resume(spec)
             self.engine.sync_weights(self.model)  # an engine with its own copy samples the resumed weights
