@@ -139,7 +139,8 @@ def main(argv=None) -> int:
         for cfg in configs:
             out = spawn(cfg, args)
             results.setdefault((cfg["engine"], cfg["threads"], cfg["dtype"]), []).append(out)
-            print(f"round {r}: {cfg} -> median {statistics.median(out['tok_per_s']):.0f} tok/s", file=sys.stderr)
+            print(f"round {r}: {cfg} -> median {statistics.median(out['tok_per_s']):.0f} tok/s "
+                  f"{json.dumps(out)}", file=sys.stderr, flush=True)
 
     import torch
     nparams = sum(p.numel() for p in build_model().parameters())
