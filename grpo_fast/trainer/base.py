@@ -289,7 +289,7 @@ class RLTrainer:
                               "weights on every rank); use distributed=ddp")
         seed = cfg.seed + 7919 * self.dist.rank  # each rank samples its own completions
         if cfg.vllm_mode == "server":
-            engine = VLLMServerEngine(cfg.vllm_server_host, cfg.vllm_server_port,
+            engine = VLLMServerEngine(cfg.vllm_server_host, cfg.vllm_server_port, base_url=cfg.vllm_server_base_url,
                                       server_timeout=cfg.vllm_server_timeout, seed=seed)
             engine.sync_weights(self.model)  # the server may have started from other weights
             return engine

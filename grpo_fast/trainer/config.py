@@ -77,6 +77,8 @@ TRL_ALIASES: Dict[str, Any] = {
     "use_cpu": lambda value: {"device": "cpu"} if _truthy(value) else {},
     "save_strategy": _save_strategy,
     "logging_strategy": _one_of("logging_strategy", ("steps",), "logging is every logging_steps steps"),
+    # TRL's deprecated name for vllm_importance_sampling_clip_max
+    "vllm_importance_sampling_cap": lambda value: {} if value is None else {"vllm_importance_sampling_clip_max": value},
 }
 
 # TRL name -> (values that ask for exactly what this library does anyway, why the rest is refused)
@@ -179,6 +181,9 @@ TRL_REFUSED: Dict[str, Any] = {
     "cache_implementation": (_OFF, "not supported"),
     "vllm_model_impl": (("vllm", None), "not supported"),
     "vllm_structured_outputs_regex": (_OFF, "not supported"),
+    "vllm_group_port": ((51216, None), "server mode syncs weights through a shared safetensors directory, "
+                                       "not an NCCL group (docs/vllm.md)"),
+    "vllm_tensor_parallel_size": ((1, None), "one engine per rank, tensor parallel 1"),
     "vespo_k_pos": ((2.0, None), "loss_type=vespo is not supported"),
     "vespo_lambda_pos": ((3.0, None), "loss_type=vespo is not supported"),
     "vespo_k_neg": ((3.0, None), "loss_type=vespo is not supported"),
@@ -201,11 +206,10 @@ TRL_REFUSED: Dict[str, Any] = {
 TRL_PLANNED = {
     "use_vllm": "issue 13", "vllm_mode": "issue 13", "vllm_server_base_url": "issue 13",
     "vllm_server_host": "issue 13", "vllm_server_port": "issue 13", "vllm_server_timeout": "issue 13",
-    "vllm_group_port": "issue 13", "vllm_gpu_memory_utilization": "issue 13",
-    "vllm_max_model_length": "issue 13", "vllm_tensor_parallel_size": "issue 13",
+    "vllm_gpu_memory_utilization": "issue 13", "vllm_max_model_length": "issue 13",
     "vllm_importance_sampling_correction": "issue 13", "vllm_importance_sampling_mode": "issue 13",
     "vllm_importance_sampling_clip_max": "issue 13", "vllm_importance_sampling_clip_min": "issue 13",
-    "vllm_importance_sampling_cap": "issue 13", "vllm_enable_sleep_mode": "issue 13",
+    "vllm_enable_sleep_mode": "issue 13",
     "sapo_temperature_neg": "issue 14", "sapo_temperature_pos": "issue 14", "top_entropy_quantile": "issue 14",
     "use_bias_correction_kl": "issue 14", "off_policy_mask_threshold": "issue 14",
     "use_adaptive_entropy": "issue 14", "entropy_coef_min": "issue 14", "entropy_coef_max": "issue 14",
@@ -350,6 +354,8 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """Colocate on a GPU: free vLLM's KV cache and offload its weights during the update."""
     vllm_kv_cache_gib: Optional[float] = None
     """Colocate: the KV cache in GiB (on CPU None sizes it from the batch; vLLM would otherwise claim most of the RAM)."""
+    vllm_server_base_url: Optional[str] = None
+    """Server mode: the server's URL (e.g. http://localhost:8000); when set, host and port are not used."""
     vllm_server_host: str = "0.0.0.0"
     """Server mode: host of the vLLM server (0.0.0.0 reaches a server on this machine)."""
     vllm_server_port: int = 8000
