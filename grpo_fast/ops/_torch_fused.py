@@ -65,11 +65,15 @@ def _logits_tile(out: Tensor, h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tens
     return torch.addmm(b, h, w.t(), out=out)
 
 
-def _transform_(y: Tensor, logit_scale: float, softcap: Optional[float], inv_t: float) -> Tensor:
-    """y -> z = softcap(y·logit_scale) / temperature, in place."""
-    if softcap is None:
-        return y.mul_(logit_scale * inv_t)
+def _softcap_(y: Tensor, logit_scale: float, softcap: float, inv_t: float) -> Tensor:
+    """y -> z = c·tanh(y·logit_scale / c) / temperature, in place."""
     return y.mul_(logit_scale / softcap).tanh_().mul_(softcap * inv_t)
+
+
+def _prescale(softcap: Optional[float], logit_scale: float, temperature: float) -> float:
+    """Without a soft-cap z = k·(h·Wᵀ + b), k = logit_scale / temperature, is linear: k goes
+    into the (n, H) hidden block and the bias instead of costing a pass over every tile."""
+    return logit_scale / temperature if softcap is None else 1.0
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -106,17 +110,21 @@ def linear_logprobs_forward(
         empty = torch.empty((0,), dtype=cd, device=dev)
         return empty, empty.clone(), empty.clone()
     tn, tv = tile_shape(N, V, tile_elems, tile_v)
+    k = _prescale(softcap, logit_scale, temperature)
     buf_z = torch.empty(tn * tv, dtype=cd, device=dev)
     buf_e = torch.empty(tn * tv, dtype=cd, device=dev)
     for v0 in range(0, V, tv):
         v1 = min(V, v0 + tv)
         w = _as(weight[v0:v1], cd)  # (v, H): a view for float32 weights
-        b = None if bias is None else _as(bias[v0:v1], cd)
+        b = None if bias is None else _as(bias[v0:v1], cd) * k
         for n0 in range(0, N, tn):
             n1 = min(N, n0 + tn)
             rows = slice(n0, n1)
-            z = _transform_(_logits_tile(_tile_view(buf_z, n1 - n0, v1 - v0), _as(hidden[rows], cd), w, b),
-                            logit_scale, softcap, inv_t)  # (n, v)
+            h = _as(hidden[rows], cd)
+            h = h * k if k != 1.0 else h  # (n, H)
+            z = _logits_tile(_tile_view(buf_z, n1 - n0, v1 - v0), h, w, b)  # (n, v)
+            if softcap is not None:
+                z = _softcap_(z, logit_scale, softcap, inv_t)
             local = ids[rows] - v0
             in_tile = (local >= 0) & (local < v1 - v0)
             picked = z.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
@@ -176,12 +184,16 @@ def linear_logprobs_backward(
     gw = torch.zeros((V, H), dtype=cd, device=dev) if need_weight else None
     gb = torch.zeros((V,), dtype=cd, device=dev) if need_bias else None
     if N > 0 and (need_hidden or need_weight or need_bias):
-        # logit_scale / temperature is common to every entry of dL/dy: folded into the per-row coefficients
-        k = logit_scale / temperature
-        c1 = (_as(grad_logp.reshape(N), cd) * k).unsqueeze(1)  # (N, 1)
+        # Without a soft-cap the tile is z itself (k = logit_scale / temperature prescales the hidden
+        # block and the bias), the products below are with dL/dz, and k multiplies grad_h and grad_b
+        # once at the end (grad_W comes out right from the prescaled hidden block). With a soft-cap
+        # the tile is y, and the factor k common to every entry of dL/dy rides on the row coefficients.
+        k = _prescale(softcap, logit_scale, temperature)
+        kc = 1.0 if softcap is None else logit_scale / temperature
+        c1 = (_as(grad_logp.reshape(N), cd) * kc).unsqueeze(1)  # (N, 1)
         has_h = grad_entropy is not None
         if has_h:
-            c2 = (_as(grad_entropy.reshape(N), cd) * k).unsqueeze(1)
+            c2 = (_as(grad_entropy.reshape(N), cd) * kc).unsqueeze(1)
             ent = _as(entropy.reshape(N), cd).unsqueeze(1)
         neg_lse = -_as(lse.reshape(N), cd).unsqueeze(1)
         ids = token_ids.reshape(N).long()
@@ -194,14 +206,15 @@ def linear_logprobs_backward(
             v1 = min(V, v0 + tv)
             nv = v1 - v0
             w = _as(weight[v0:v1], cd)  # (v, H)
-            b = None if bias is None else _as(bias[v0:v1], cd)
+            b = None if bias is None else _as(bias[v0:v1], cd) * k
             for n0 in range(0, N, tn):
                 n1 = min(N, n0 + tn)
                 rows = slice(n0, n1)
-                h = _as(hidden[rows], cd)  # (n, H)
+                h = _as(hidden[rows], cd)
+                h = h * k if k != 1.0 else h  # (n, H)
                 y = _logits_tile(_tile_view(buf_a, n1 - n0, nv), h, w, b)  # (n, v)
                 if softcap is None:
-                    lp = y.mul_(inv_t * logit_scale)
+                    lp = y  # z
                 else:
                     t = y.mul_(logit_scale / softcap).tanh_()
                     dtanh = torch.mul(t, t, out=_tile_view(buf_c, n1 - n0, nv)).neg_().add_(1.0)  # 1 - tanh^2
@@ -226,6 +239,11 @@ def linear_logprobs_backward(
                     gw[v0:v1].addmm_(g.t(), h)  # (v, n) · (n, H)
                 if gb is not None:
                     gb[v0:v1] += g.sum(0)
+        if k != 1.0:
+            if gh is not None:
+                gh.mul_(k)
+            if gb is not None:
+                gb.mul_(k)
     gh = None if gh is None else _as(gh, hidden.dtype)
     gw = None if gw is None else _as(gw, weight.dtype)
     gb = None if gb is None else _as(gb, bias.dtype)
