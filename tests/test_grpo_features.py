@@ -413,8 +413,14 @@ def _ds_worker(out):
                      max_steps=3, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_generations=4,
                      max_prompt_length=16, max_completion_length=4, save_steps=0, seed=0, disable_tqdm=True,
                      plot=False, save_final_model=False, report_to="none", dynamic_sampling=True,
-                     dynamic_sampling_max_batches=4)
-    history = Recording(model, [parity_reward], demo.addition_dataset(), config=cfg, tokenizer=tok).train()
+                     dynamic_sampling_max_batches=4,
+                     # the other collectives of this work in the same run: the entropy quantile over both
+                     # ranks' tokens, the adaptive coefficient, the completion log and evaluation
+                     top_entropy_quantile=0.5, use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=10.0,
+                     log_completions=True, num_completions_to_print=40, eval_strategy="steps", eval_steps=2)
+    held = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in ((1, 2), (3, 4), (5, 6))]
+    history = Recording(model, [parity_reward], demo.addition_dataset(), config=cfg, tokenizer=tok,
+                        eval_dataset=held).train()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"sizes": sizes, "history": history})
     if dist.get_rank() == 0:
@@ -433,10 +439,19 @@ def test_dynamic_sampling_under_torchrun(tmp_path):
     assert len(ranks) == 2
     a, b = ranks
     assert a["sizes"] == b["sizes"] and len(a["sizes"]) == 3
+    assert len(a["history"]) == len(b["history"])
     for ha, hb in zip(a["history"], b["history"]):
-        for key in ("dynamic_sampling/rounds", "dynamic_sampling/groups_trained"):
-            assert ha[key] == hb[key]
-    for n, h in zip(a["sizes"], a["history"]):
+        for key in ("dynamic_sampling/rounds", "dynamic_sampling/groups_trained", "entropy_coef",
+                    "entropy_masked_frac", "eval_reward"):
+            assert ha.get(key) == hb.get(key), key
+    train = [h for h in a["history"] if "reward" in h]
+    assert [h["entropy_coef"] for h in train] == pytest.approx([0.0, 0.015, 0.02])
+    assert all(0 < h["entropy_masked_frac"] < 1 for h in train)
+    assert [h["step"] for h in a["history"] if "eval_reward" in h] == [0, 2, 3]
+    rows = read_completions(str(tmp_path / "run"))
+    per_step = {s: sum(r["step"] == s for r in rows) for s in (1, 2, 3)}
+    assert per_step == {i: min(40, a["sizes"][i - 1] * 2) for i in (1, 2, 3)}   # both ranks' rows
+    for n, h in zip(a["sizes"], train):
         if h["dynamic_sampling/groups_trained"]:
             assert h["dynamic_sampling/groups_trained"] == 2 * n // 4  # W x the groups each rank trained
             assert h["frac_reward_zero_std"] == 0.0
