@@ -132,7 +132,7 @@ def main(argv=None) -> int:
           f"(prompt {args.prompt_len} tokens), {args.micro_batches} micro-batches per step, ~15.7M-param Llama fp32, "
           f"CPU; {args.steps} timed steps after 1 warm-up step.\n")
     print("| engine | threads | step (s, median) | steps/s | step CPU time (s, median) | generation (s, median) "
-          "| rollout tok/s | start-up (s) | logp diff max | load avg (start, end) |")
+          "| tokens / step time | start-up (s) | logp diff max | load avg (start, end) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         d = r.get("rollout_logp_diff_max")
