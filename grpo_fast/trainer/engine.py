@@ -110,20 +110,15 @@ class HFEngine(RolloutEngine):
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None):
     """Token-id lists -> (ids, mask) (len(rows), longest) int64 tensors, padded on the left."""
     L = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), L), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, L - len(r):] = 1
+    # one tensor constructor over padded lists: a per-row copy costs ~20 us a row (3 ms a step here)
+    ids = torch.tensor([[int(pad_id)] * (L - len(r)) + list(r) for r in rows], dtype=torch.long).reshape(len(rows), L)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    mask = (torch.arange(L)[None, :] >= (L - lengths)[:, None]).long()
     return ids.to(device), mask.to(device)
 
 
 def right_pad(rows: Sequence[Sequence], pad, dtype=torch.long, device=None, width: Optional[int] = None):
     """Lists -> (len(rows), width or longest) tensor padded on the right with `pad`."""
     T = max((len(r) for r in rows), default=0) if width is None else width
-    out = torch.full((len(rows), T), pad, dtype=dtype)
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, :len(r)] = torch.as_tensor(list(r), dtype=dtype)
+    out = torch.tensor([list(r) + [pad] * (T - len(r)) for r in rows], dtype=dtype).reshape(len(rows), T)
     return out.to(device)
