@@ -58,7 +58,9 @@ def _check_logits(logits) -> None:
         raise ValueError(f"logits has an empty vocabulary dimension: {_shape(logits)}")
 
 
-def _check_token_ids(token_ids, logits) -> None:
+def _check_token_ids(token_ids, logits, V: Optional[int] = None, ref_name: str = "logits") -> None:
+    """token_ids: int32/int64 (B, T) on the reference tensor's device with values in [0, V); V is the
+    logits' last dimension unless given (the fused head passes weight.shape[0])."""
     if not isinstance(token_ids, Tensor):
         raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
     if token_ids.dtype not in (torch.int64, torch.int32):
@@ -71,14 +73,14 @@ def _check_token_ids(token_ids, logits) -> None:
     if tuple(token_ids.shape) != tuple(logits.shape[:2]):
         raise ValueError(
             f"token_ids has shape {_shape(token_ids)}, expected (B, T) = {tuple(logits.shape[:2])} "
-            f"to match logits {_shape(logits)}"
+            f"to match {ref_name} {_shape(logits)}"
         )
     if token_ids.device != logits.device:
-        raise ValueError(f"token_ids is on {token_ids.device}, logits on {logits.device}")
+        raise ValueError(f"token_ids is on {token_ids.device}, {ref_name} on {logits.device}")
     # a value check needs the data: skipped while torch.compile traces (the op is opaque there)
     if token_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(token_ids)
-        V = logits.shape[-1]
+        V = logits.shape[-1] if V is None else V
         if token_ids.is_cuda:
             # reading the values back would stall the host on every call: assert on the device
             # (a bad id then fails the next synchronising call with a device-side assert)
@@ -88,7 +90,8 @@ def _check_token_ids(token_ids, logits) -> None:
             raise ValueError(f"token_ids must lie in [0, V) = [0, {V}), got values in [{int(lo)}, {int(hi)}]")
 
 
-def _check_bt(name: str, t, logits, *, allow_b: bool = False, integer_ok: bool = False) -> None:
+def _check_bt(name: str, t, logits, *, allow_b: bool = False, integer_ok: bool = False,
+              ref_name: str = "logits") -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
@@ -97,17 +100,17 @@ def _check_bt(name: str, t, logits, *, allow_b: bool = False, integer_ok: bool =
     ok = tuple(t.shape) == (B, T) or (allow_b and tuple(t.shape) == (B,))
     if not ok:
         want = f"(B,) = ({B},) or (B, T) = ({B}, {T})" if allow_b else f"(B, T) = ({B}, {T})"
-        raise ValueError(f"{name} has shape {_shape(t)}, expected {want} to match logits {_shape(logits)}")
+        raise ValueError(f"{name} has shape {_shape(t)}, expected {want} to match {ref_name} {_shape(logits)}")
     if t.device != logits.device:
-        raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
+        raise ValueError(f"{name} is on {t.device}, {ref_name} on {logits.device}")
     if not integer_ok and not t.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _check_mask(mask, logits) -> None:
+def _check_mask(mask, logits, ref_name: str = "logits") -> None:
     """mask: (B, T), bool or 0/1 numbers on the logits' device. Any other value is refused
     (weights would need their own metrics); on CUDA by a device-side assert, with no host sync."""
-    _check_bt("mask", mask, logits, integer_ok=True)
+    _check_bt("mask", mask, logits, integer_ok=True, ref_name=ref_name)
     if mask is None or mask.dtype == torch.bool or mask.numel() == 0 or torch.compiler.is_compiling():
         return
     if mask.dtype.is_complex:

@@ -25,6 +25,8 @@ from torch import Tensor
 from . import _fused_ops  # noqa: F401  (registers the custom ops)
 from .functional import (PolicyLossOutput, _check_mask, _check_temperature, _check_weights,
                          _policy_loss_from_logps, _shape)
+from .functional import _check_bt as _functional_check_bt
+from .functional import _check_token_ids as _functional_check_token_ids
 from .options import LossOptions
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -78,43 +80,12 @@ def _check_head(weight, bias, hidden: Tensor) -> None:
 
 
 def _check_token_ids(token_ids, hidden: Tensor, V: int) -> None:
-    if not isinstance(token_ids, Tensor):
-        raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
-        raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-    if tuple(token_ids.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(
-            f"token_ids has shape {_shape(token_ids)}, expected (B, T) = {tuple(hidden.shape[:2])} "
-            f"to match hidden {_shape(hidden)}"
-        )
-    if token_ids.device != hidden.device:
-        raise ValueError(f"token_ids is on {token_ids.device}, hidden on {hidden.device}")
-    # a value check needs the data: skipped while torch.compile traces (the op is opaque there)
-    if token_ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.aminmax(token_ids)
-        if token_ids.is_cuda:
-            # no host sync per call: a bad id fails the next synchronising call with a device-side assert
-            torch._assert_async((lo >= 0) & (hi < V), f"token_ids must lie in [0, V) = [0, {V})")
-            return
-        if int(lo) < 0 or int(hi) >= V:
-            raise ValueError(
-                f"token_ids must lie in [0, V) = [0, {V}) (V = weight.shape[0]), got values in [{int(lo)}, {int(hi)}]"
-            )
+    # the same rules as policy_loss (int32 / int64 only, values in [0, V)), V from the head
+    _functional_check_token_ids(token_ids, hidden, V, ref_name="hidden")
 
 
 def _check_bt(name: str, t, hidden: Tensor, *, allow_b: bool = False, integer_ok: bool = False) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    B, T = hidden.shape[:2]
-    if not (tuple(t.shape) == (B, T) or (allow_b and tuple(t.shape) == (B,))):
-        want = f"(B,) = ({B},) or (B, T) = ({B}, {T})" if allow_b else f"(B, T) = ({B}, {T})"
-        raise ValueError(f"{name} has shape {_shape(t)}, expected {want} to match hidden {_shape(hidden)}")
-    if t.device != hidden.device:
-        raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
-    if not integer_ok and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _functional_check_bt(name, t, hidden, allow_b=allow_b, integer_ok=integer_ok, ref_name="hidden")
 
 
 def _check_head_scalars(logit_scale, final_logit_softcapping) -> None:
@@ -256,7 +227,7 @@ def policy_loss_from_hidden(
     if not isinstance(advantages, Tensor):
         raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     _check_bt("advantages", advantages, hidden, allow_b=True)
-    _check_mask(mask, hidden)  # the same rules as policy_loss: 0/1 only
+    _check_mask(mask, hidden, ref_name="hidden")  # the same rules as policy_loss: 0/1 only
     _check_bt("old_logps", old_logps, hidden)
     _check_bt("ref_logps", ref_logps, hidden)
     _check_bt("sampling_logps", options.get("sampling_logps"), hidden)
