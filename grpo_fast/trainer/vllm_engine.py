@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from .engine import Generation, RolloutEngine, SamplingSettings
+from .policy import is_peft
 
 __all__ = ["VLLMOptions", "VLLMColocateEngine", "VLLMServerEngine", "VLLMServerError", "import_vllm",
            "policy_state_dict", "save_policy"]
@@ -101,14 +102,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "merge_adapter")
-
-
 @contextlib.contextmanager
 def _merged(model):
     """A PEFT model with its adapters merged into the base weights for the duration (then unmerged)."""
-    if not _is_peft(model):
+    if not is_peft(model):
         yield model
         return
     model.merge_adapter()
@@ -136,7 +133,7 @@ def policy_state_dict(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tenso
     """
     model = _unwrap(model)
     with _merged(model):
-        peft = _is_peft(model)
+        peft = is_peft(model)
         for name, t in model.state_dict(keep_vars=False).items():
             if peft:
                 if ".lora_" in name or "lora_embedding" in name or ".modules_to_save." in name:
@@ -148,7 +145,7 @@ def policy_state_dict(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tenso
 def policy_weights(model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
     """policy_state_dict as a list that stays valid: PEFT's merged values are copied before the
     adapters are unmerged; a plain model's tensors are its live parameters (no copy)."""
-    if _is_peft(_unwrap(model)):
+    if is_peft(_unwrap(model)):
         return [(n, t.clone()) for n, t in policy_state_dict(model)]
     return list(policy_state_dict(model))
 
@@ -156,7 +153,7 @@ def policy_weights(model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
 def save_policy(model: torch.nn.Module, tokenizer, path: str) -> str:
     """save_pretrained of the policy (merged when PEFT) and the tokenizer into `path`."""
     model = _unwrap(model)
-    if _is_peft(model):
+    if is_peft(model):
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
