@@ -4,8 +4,12 @@ Layers, lowest first (docs/design.md); imports only run down:
     grpo_fast._C, grpo_fast.kernels   C++ core, Triton kernels
     grpo_fast.ops                     the functional API below
     grpo_fast.rl                      tensor-only RL maths shared by trainers
-    grpo_fast.rewards                 rule rewards and reward models
-    grpo_fast.trainer                 the trainers
+    grpo_fast.config                  the configs (TRL's field names)
+    grpo_fast.model                   the policy, its forwards and fused head, reference, critic
+    grpo_fast.rollout                 engines, templates, producers, the rollout data model
+    grpo_fast.rewards                 rule rewards, reward models, the reward runner
+    grpo_fast.train                   the loop and its collaborators
+    grpo_fast.algorithms              GRPO, PPO, TRPO: one file each
     grpo_fast.demo, grpo_fast.cli     the built-in task and the command line
 
 Functional API:
@@ -32,12 +36,12 @@ _LAZY = {
     "policy_loss_from_hidden": "grpo_fast.ops.fused_head",
     "group_advantages": "grpo_fast.ops.advantages",
     "gae": "grpo_fast.ops.advantages",
-    "GRPOConfig": "grpo_fast.trainer",
-    "GRPOTrainer": "grpo_fast.trainer",
-    "PPOConfig": "grpo_fast.trainer",
-    "PPOTrainer": "grpo_fast.trainer",
-    "TRPOConfig": "grpo_fast.trainer",
-    "TRPOTrainer": "grpo_fast.trainer",
+    "GRPOConfig": "grpo_fast.config",
+    "GRPOTrainer": "grpo_fast.algorithms",
+    "PPOConfig": "grpo_fast.config",
+    "PPOTrainer": "grpo_fast.algorithms",
+    "TRPOConfig": "grpo_fast.config",
+    "TRPOTrainer": "grpo_fast.algorithms",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -25,26 +25,19 @@ import time
 import typing
 from typing import Any, Dict, List, Optional
 
-import torch.distributed as dist
+from . import demo
+from .config import TRL_ALIASES, TRL_REFUSED, ConfigError, load_yaml
+from .rewards import RewardFunctionError, resolve_reward
+from .rollout import vllm_server
+from .train import CorruptCheckpointError, NonFiniteUpdateError
+from .train.plot import plot_run
+from .train.tracking import COMPLETIONS_FILE, format_completions, read_completions
 
-from . import demo, rewards
-from .trainer import ConfigError, CorruptCheckpointError, NonFiniteUpdateError, RewardFunctionError
-from .trainer.config import TRL_ALIASES, TRL_PLANNED, TRL_REFUSED, load_yaml
-from .trainer import vllm_server
-from .trainer.plot import plot_run
-from .trainer.tracking import COMPLETIONS_FILE, format_completions, read_completions
-
-# algorithm -> (module, config class, trainer class)
+# algorithm -> (module, trainer class); the trainer names its config class
 ALGORITHMS = {
-    "grpo": ("grpo_fast.trainer", "GRPOConfig", "GRPOTrainer"),
-    "ppo": ("grpo_fast.trainer", "PPOConfig", "PPOTrainer"),
-    "trpo": ("grpo_fast.trainer", "TRPOConfig", "TRPOTrainer"),
-}
-
-BUILTIN_REWARDS = {
-    "accuracy": "accuracy_reward",
-    "format": "format_reward",
-    "boxed_format": "boxed_format_reward",
+    "grpo": ("grpo_fast.algorithms", "GRPOTrainer"),
+    "ppo": ("grpo_fast.algorithms", "PPOTrainer"),
+    "trpo": ("grpo_fast.algorithms", "TRPOTrainer"),
 }
 
 
@@ -56,10 +49,11 @@ def load_algorithm(name: str):
     """(config class, trainer class) of an algorithm; a clear error when it is not there yet."""
     if name not in ALGORITHMS:
         raise CLIError(f"--algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
-    module, cfg_name, trainer_name = ALGORITHMS[name]
+    module, trainer_name = ALGORITHMS[name]
     try:
         mod = importlib.import_module(module)
-        return getattr(mod, cfg_name), getattr(mod, trainer_name)
+        trainer_cls = getattr(mod, trainer_name)
+        return trainer_cls.config_class, trainer_cls
     except (ImportError, AttributeError) as e:
         if isinstance(e, ImportError) and e.name not in (None, module):
             raise  # the module exists but something it needs is missing: show the real error
@@ -88,7 +82,7 @@ def _field_parser(config_cls) -> argparse.ArgumentParser:
             kwargs.update(metavar=getattr(base, "__name__", "VALUE").upper())
         p.add_argument(*flags, **kwargs)
     # TRL's names that are not fields here: mapped (--bf16) or refused with a message naming them
-    for name in sorted(set(TRL_ALIASES) | set(TRL_REFUSED) | set(TRL_PLANNED)):
+    for name in sorted(set(TRL_ALIASES) | set(TRL_REFUSED)):
         if name not in config_cls.field_names():
             p.add_argument(f"--{name}", dest=name, nargs="?", const="true", help=argparse.SUPPRESS)
     return p
@@ -143,21 +137,12 @@ def _load_dataset(path: str):
 
 
 def _load_reward(spec: str):
-    if spec in BUILTIN_REWARDS:
-        return getattr(rewards, BUILTIN_REWARDS[spec])
-    if os.path.isdir(spec):
-        return rewards.RewardModel(spec)
-    if ":" in spec:
-        module, attr = spec.split(":", 1)
-        if module.endswith(".py"):
-            s = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], module)
-            mod = importlib.util.module_from_spec(s)
-            s.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(module)
-        return getattr(mod, attr)
-    raise CLIError(f"--reward_funcs {spec!r}: expected a built-in name ({', '.join(BUILTIN_REWARDS)}), "
-                   "module:function, path/to/file.py:function, or a reward-model directory")
+    """A --reward_funcs entry: a registered name, module:function, file.py:function or a
+    reward-model directory (grpo_fast.rewards.resolve_reward)."""
+    try:
+        return resolve_reward(spec)
+    except ValueError as e:
+        raise CLIError(f"--reward_funcs {spec!r}: {e}") from None
 
 
 def _is_rank0() -> bool:
@@ -165,18 +150,8 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _end_process_group() -> None:
-    """torchrun runs: leave the process group cleanly (the trainer joined it from the environment)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def cmd_train(argv: List[str]) -> int:
-    try:
-        return _train(argv)
-    finally:
-        if "torch.distributed" in sys.modules:
-            _end_process_group()
+    return _train(argv)
 
 
 def _train(argv: List[str]) -> int:

@@ -23,7 +23,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .rewards import accuracy_reward
-from .trainer import GRPOConfig, GRPOTrainer
+from .algorithms import GRPOTrainer
+from .config import GRPOConfig
 
 # printable ASCII; anything else maps to <unk>
 _SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]

@@ -76,15 +76,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: Optional[torch.Tensor] = None,
                   beta: float = 0.0) -> torch.Tensor:
-    """(B, T) rewards: -beta * kl on every completion token, plus the score on the last one.
+    """(B, T) rewards: -beta * kl on every masked token, plus the score on the last masked one.
 
-    scores (B,); mask (B, T) with the completion's tokens first (right padding, as the rollout
-    gives); kl (B, T) per-token KL estimate or None.
+    scores (B,); mask (B, T), any layout: the score sits at the last position where mask is
+    nonzero (a sample's last trained token), whatever precedes it; kl (B, T) per-token KL estimate
+    or None.
     """
     m = mask.to(torch.float32)
     rewards = torch.zeros_like(m) if kl is None else -beta * kl.to(torch.float32) * m
-    lengths = mask.sum(1).long()
-    has = lengths > 0
-    rows = torch.nonzero(has).squeeze(1)
-    rewards[rows, lengths[rows] - 1] += scores[rows].to(torch.float32)
+    col = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(mask != 0, col, -1).amax(1)                      # (B,) -1: no masked token
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    rewards[rows, last[rows]] += scores[rows].to(torch.float32)
     return rewards

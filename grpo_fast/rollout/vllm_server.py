@@ -1,12 +1,12 @@
 """The vLLM rollout server: one vLLM engine in its own process behind a small HTTP/JSON server.
 
-    python -m grpo_fast.trainer.vllm_server --model PATH [--host 127.0.0.1] [--port 8000] ...
+    python -m grpo_fast.rollout.vllm_server --model PATH [--host 127.0.0.1] [--port 8000] ...
     grpo-fast vllm-serve --model PATH ...            (the same main(argv))
 
 Endpoints (JSON in, JSON out; errors are {"error": message} with status 400/500):
     GET  /health              {"status": "ok", "model", "vllm_version", "logprobs_mode", "options"}
     POST /generate            {"prompt_ids": [[int]], "settings": SamplingSettings fields, "seeds": [int] | null}
-                              -> {"completion_ids", "finish_reasons", "logprobs"} (prompt-major, n per prompt)
+                              -> {"completion_ids", "finish_reasons", "stop_reasons", "logprobs"}, one per prompt
     POST /update_weights      {"path": directory of *.safetensors} -> reload in place, reset the prefix cache
     POST /reset_prefix_cache  {}
     POST /shutdown            {} -> answers, then the process exits
@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .vllm_engine import VLLMOptions, build_llm, import_vllm, run_generate, settings_from_json
+from .vllm_common import VLLMOptions, build_llm, import_vllm, run_generate, settings_from_json
 
 
 class _State:
@@ -106,7 +106,7 @@ def _make_handler(state: _State):
                     raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
                 gen = run_generate(state.llm, prompt_ids, settings, seeds)
             return {"completion_ids": gen.completion_ids, "finish_reasons": gen.finish_reasons,
-                    "logprobs": gen.logprobs}
+                    "stop_reasons": gen.stop_reasons, "logprobs": gen.logprobs}
 
         def _update_weights(self, req: Dict[str, Any]) -> Dict[str, Any]:
             path = req["path"]

@@ -159,3 +159,28 @@ def format_completions(rows: List[Dict[str, Any]], width: int = 40) -> str:
     line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
     out = [line(header), "-+-".join("-" * w for w in widths)] + [line(t) for t in table]
     return "\n".join(out)
+
+
+def completion_rows(batch, step: int, reward_names, template, dist, limit=None) -> List[Dict[str, Any]]:
+    """(step, prompt, completion, each reward, advantage, log_extra columns) of the step's samples,
+    every rank's (a collective under torchrun), the first `limit` of them."""
+    adv = batch.advantages
+    if adv is not None and adv.dim() == 2:   # per-token advantages (PPO): their mean over the trained tokens
+        m = batch.loss_mask.to(adv.dtype)
+        adv = (adv * m).sum(1) / m.sum(1).clamp(min=1)
+    rows = []
+    for i in range(len(batch)):
+        p, c = batch.prompts[i], batch.completions[i]
+        rows.append({
+            "step": step,
+            "prompt": p if isinstance(p, str) else template.text(p),
+            "completion": c if isinstance(c, str) else c[-1]["content"],
+            "rewards": {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(reward_names)},
+            "reward": float(batch.rewards[i]),
+            "advantage": None if adv is None else float(adv[i]),
+            # the reward functions' log_extra columns, one value per completion
+            **{k: v[i] for k, v in batch.extras.get("log_extra", {}).items() if i < len(v)},
+        })
+    if dist.enabled:
+        rows = [r for part in dist.all_gather_object(rows) for r in part]
+    return rows if limit is None else rows[:limit]

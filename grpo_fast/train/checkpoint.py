@@ -42,8 +42,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from transformers.utils import logging as hf_logging
 
-from .config import ConfigError
-from .policy import is_peft
+from ..config import ConfigError
+from ..model.policy import is_peft
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"

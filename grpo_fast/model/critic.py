@@ -27,7 +27,6 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoModel
 
-from .distributed import broadcast_module
 from .policy import is_peft, set_dropout_zero
 
 __all__ = ["Critic", "ValueHead", "ValueModel", "build_value_model", "critic_values", "hidden_size_of", "trunk_of"]
@@ -179,7 +178,7 @@ class Critic:
             self.model = build_value_model(spec, policy).to(device)
             if dist is not None and dist.enabled:
                 # the same critic on every rank (its trunk may come from a policy DDP has not broadcast yet)
-                broadcast_module(self.model)
+                dist.broadcast_module(self.model)
             if disable_dropout:
                 set_dropout_zero(self.model)
             self.model.train()

@@ -15,7 +15,7 @@ Ready-made rule rewards in the style of DeepSeekMath / DeepSeek-R1:
     format_reward    -- 1.0 when the completion has the <think>...</think><answer>...</answer> shape
     boxed_format_reward -- 1.0 when the completion has a \\boxed{...} answer
     soft_overlong_punishment(L_max, L_cache) -- DAPO's soft length penalty (0 down to -1)
-and `RewardModel`, a sequence-classification model used as a reward function.
+(rewards/model.py holds RewardModel, a sequence-classification model used as a reward function.)
 """
 from __future__ import annotations
 
@@ -24,13 +24,10 @@ import re
 from fractions import Fraction
 from typing import Any, List, Optional, Sequence
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
 __all__ = [
     "accuracy_reward", "format_reward", "boxed_format_reward", "make_format_reward",
     "extract_boxed", "extract_final_number", "extract_answer", "parse_number", "answers_match",
-    "RewardModel", "soft_overlong_punishment",
+    "soft_overlong_punishment",
 ]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
@@ -218,51 +215,3 @@ def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int)
             or not 0 <= soft_punish_cache <= max_completion_length:
         raise ValueError(f"soft_punish_cache={soft_punish_cache!r}: expected an integer in [0, max_completion_length]")
     return _SoftOverlongPunishment(max_completion_length, soft_punish_cache)
-
-
-class RewardModel:
-    """A sequence-classification model as a reward function: the score is logit 0 of prompt + completion.
-
-    `model` is an AutoModelForSequenceClassification instance (or a local path), `tokenizer`
-    its tokenizer. Conversational samples are rendered with the tokenizer's chat template.
-    """
-
-    def __init__(self, model, tokenizer=None, *, batch_size: int = 32, max_length: Optional[int] = None):
-        if isinstance(model, str):
-            path = model
-            model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tokenizer is None:
-            raise ValueError("RewardModel needs the reward model's tokenizer")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
-        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.__name__ = f"reward_model[{name.rstrip('/').split('/')[-1] or type(model).__name__}]"
-
-    def _render(self, prompt, completion) -> str:
-        if isinstance(prompt, list):  # chat messages
-            messages = list(prompt) + (completion if isinstance(completion, list)
-                                       else [{"role": "assistant", "content": _text(completion)}])
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return _text(prompt) + _text(completion)
-
-    def __call__(self, prompts, completions, completion_ids=None, **columns) -> List[float]:
-        texts = [self._render(p, c) for p, c in zip(prompts, completions)]
-        device = next(self.model.parameters()).device
-        scores: List[float] = []
-        with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                                     truncation=self.max_length is not None, max_length=self.max_length,
-                                     add_special_tokens=True).to(device)
-                logits = self.model(**enc).logits  # (b, num_labels)
-                scores.extend(logits[:, 0].float().tolist())
-        return scores

@@ -27,7 +27,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-__all__ = ["DistContext", "init_from_env", "wrap_model", "gradient_sync", "cleanup", "decoder_layers"]
+__all__ = ["DistContext", "average_gradients", "cleanup", "decoder_layers", "gradient_sync", "init_from_env",
+           "pick_device", "wrap_model"]
 
 
 @dataclass
@@ -103,6 +104,29 @@ class DistContext:
     
             dist.barrier()
 
+    def gather_ragged(self, t: torch.Tensor) -> torch.Tensor:
+        """(n,) float of this rank -> every rank's, concatenated, each NaN-padded to the longest n
+        (for statistics that ignore NaN, like the entropy quantile over masked tokens)."""
+        if not self.enabled:
+            return t
+        width = int(self.all_reduce(torch.tensor([t.numel()], dtype=torch.float64), "max").item())
+        if t.numel() < width:
+            t = torch.cat([t, t.new_full((width - t.numel(),), float("nan"))])
+        return self.all_gather(t)
+
+    def broadcast_module(self, module, src: int = 0) -> None:
+        """Every rank's parameters and buffers of `module` to rank src's."""
+        if self.enabled:
+            broadcast_module(module, src)
+
+    def token_normaliser(self, mask: torch.Tensor) -> float:
+        """The loss normaliser of a token-level mean over every rank's `mask` tokens: the global
+        token count / world size (at least 1 / world size), so that averaging the ranks' gradients
+        of (local sum / this) gives the gradient of the global mean. One host read (and one
+        all-reduce under torchrun); the one definition the algorithms use."""
+        total = self.sum_floats([float(mask.sum())])[0]
+        return max(total, 1.0) / self.world_size
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any rank (a callback asking to stop, say)."""
         if not self.enabled:
@@ -160,6 +184,14 @@ def cleanup(ctx: Optional[DistContext]) -> None:
     if ctx is not None and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
         ctx.owns_group = False
+
+
+def pick_device(spec: Optional[str], ctx: DistContext) -> torch.device:
+    """The device to train on: config.device, or cuda (one GPU per rank, cuda:LOCAL_RANK) when
+    available, else cpu."""
+    if ctx.enabled and torch.cuda.is_available() and spec in (None, "cuda"):
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def decoder_layers(model) -> List[torch.nn.Module]:

