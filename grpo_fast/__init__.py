@@ -42,6 +42,11 @@ _LAZY = {
     "PPOTrainer": "grpo_fast.algorithms",
     "TRPOConfig": "grpo_fast.config",
     "TRPOTrainer": "grpo_fast.algorithms",
+    "ConfigError": "grpo_fast.config",
+    "RewardFunctionError": "grpo_fast.rewards",
+    "NonFiniteUpdateError": "grpo_fast.train",
+    "CorruptCheckpointError": "grpo_fast.train",
+    "OutputDirError": "grpo_fast.train",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

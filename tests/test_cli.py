@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from grpo_fast import cli, demo
-from grpo_fast.trainer import GRPOConfig
+from grpo_fast import GRPOConfig
 
 FAST = ["--disable_tqdm", "--report_to", "none"]
 

@@ -41,7 +41,7 @@ def parts():
 
 
 def make_config(out, **kw):
-    from grpo_fast.trainer import GRPOConfig
+    from grpo_fast import GRPOConfig
 
     # adam_epsilon 1e-4: Adam's first step is nearly sign(g), so with eps 1e-8 a gradient entry at
     # float-noise level (1e-11) moves a weight by ~lr * 1e-3 depending on the reduction order
@@ -53,51 +53,39 @@ def make_config(out, **kw):
     return GRPOConfig(**values)
 
 
-def fixed_trainer_class(base=None):
-    from grpo_fast.trainer import GRPOTrainer
-    from grpo_fast.trainer.rollout import Rollout
+class FixedEngine:
+    """A rollout engine without sampling: sample g of a prompt comes from its own seed (the prompt's
+    tokens and g), so a prompt's completions do not depend on its neighbours or on the rank."""
 
-    class FixedRolloutTrainer(base or GRPOTrainer):
-        """rollout() without sampling: completion (i, g) comes from its own seed."""
+    def __new__(cls, tokenizer):
+        from grpo_fast.rollout import Generation, RolloutEngine
 
-        @torch.no_grad()
-        def rollout(self, indices):
-            rows = [self.train_dataset[i] for i in indices]
-            enc = self.tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True,
-                                 padding_side="left", add_special_tokens=False)
-            prompt_ids = enc["input_ids"].repeat_interleave(G, 0)
-            prompt_mask = enc["attention_mask"].repeat_interleave(G, 0)
-            eos = self.tokenizer.eos_token_id
-            digits = self.tokenizer.convert_tokens_to_ids(list("0123456789"))
-            ids, mask, trunc = [], [], []
-            for i in indices:
-                for g in range(G):
-                    gen = torch.Generator().manual_seed(1000 * i + g)
+        class _Fixed(RolloutEngine):
+            name = "fixed"
+
+            def generate(self, prompt_ids, settings):
+                eos = tokenizer.eos_token_id
+                digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+                ids, reasons, g, prev = [], [], 0, None
+                for p in prompt_ids:
+                    g = g + 1 if p == prev else 0      # the producer repeats a prompt for its group
+                    prev = p
+                    gen = torch.Generator().manual_seed(1000 * (sum(p) * 31 + len(p)) + g)
                     n = int(torch.randint(1, T + 1, (1,), generator=gen))       # tokens incl. EOS
                     tokens = [digits[int(k)] for k in torch.randint(0, 10, (T,), generator=gen)]
                     stop = n < T or bool(torch.randint(0, 2, (1,), generator=gen))
                     if stop:
                         tokens[n - 1] = eos
-                    ids.append(tokens)
-                    mask.append([1 if t < (n if stop else T) else 0 for t in range(T)])
-                    trunc.append(not stop)
-            completion_ids, completion_mask = torch.tensor(ids), torch.tensor(mask)
-            lengths = completion_mask.sum(1).tolist()
-            ids_list = [row[:k] for row, k in zip(ids, lengths)]
-            texts = self.tokenizer.batch_decode(ids_list, skip_special_tokens=True)
-            return Rollout(prompts=[r["prompt"] for r in rows for _ in range(G)], completions=texts,
-                           dataset_index=[i for i in indices for _ in range(G)],
-                           columns={"answer": [r["answer"] for r in rows for _ in range(G)]},
-                           prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                           completion_mask=completion_mask, truncated=torch.tensor(trunc), group_size=G,
-                           completion_ids_list=ids_list)
+                    ids.append(tokens[:n] if stop else tokens)
+                    reasons.append("stop" if stop else "length")
+                return Generation(completion_ids=ids, finish_reasons=reasons)
 
-    return FixedRolloutTrainer
+        return _Fixed()
 
 
 def model_params(trainer):
     """Full parameters on CPU (collective under FSDP2)."""
-    from grpo_fast.trainer import checkpoint as ckpt
+    from grpo_fast.train import checkpoint as ckpt
 
     if trainer.dist.enabled and trainer.dist.mode == "fsdp2":
         state = ckpt.full_model_state(trainer.model)
@@ -107,16 +95,18 @@ def model_params(trainer):
 
 
 def one_step(out_dir, loss_type, scale, **kw):
+    from grpo_fast import GRPOTrainer
+
     tok, model, data = parts()
     cfg = make_config(out_dir, loss_type=loss_type, scale_rewards=scale, **kw)
-    trainer = fixed_trainer_class()(model, [char_reward], data, config=cfg, tokenizer=tok)
+    trainer = GRPOTrainer(model, [char_reward], data, config=cfg, tokenizer=tok, engine=FixedEngine(tok))
     history = trainer.train()
     return history[0], model_params(trainer)
 
 
 def ppo_step(out_dir):
     """PPO (critic, KL-in-reward, whitening) for 2 epochs over one fixed rollout: policy and critic weights."""
-    from grpo_fast.trainer.ppo import PPOConfig, PPOTrainer
+    from grpo_fast import PPOConfig, PPOTrainer
 
     tok, model, data = parts()
     cfg = PPOConfig(output_dir=out_dir, learning_rate=1e-2, lr_scheduler_type="constant", max_steps=1,
@@ -126,7 +116,7 @@ def ppo_step(out_dir):
                     # level (1e-9) flips between layouts; eps 1e-4 keeps the comparison about the gradients
                     adam_epsilon=1e-4, save_steps=0, seed=0, disable_tqdm=True, plot=False, save_final_model=False,
                     report_to="none")
-    trainer = fixed_trainer_class(PPOTrainer)(model, [char_reward], data, config=cfg, tokenizer=tok)
+    trainer = PPOTrainer(model, [char_reward], data, config=cfg, tokenizer=tok, engine=FixedEngine(tok))
     history = trainer.train()
     critic = {f"critic.{k}": v.detach().clone() for k, v in trainer.critic.model.state_dict().items()}
     return history[0], {**model_params(trainer), **critic}
@@ -138,7 +128,7 @@ TRPO_KEYS = ("kl", "step_accepted", "line_search_steps", "surrogate_gain", "expe
 
 def trpo_one_step(out_dir, estimator, **kw):
     """One TRPO step over one fixed rollout: metrics and weights (policy, and critic with gae)."""
-    from grpo_fast.trainer.trpo import TRPOConfig, TRPOTrainer
+    from grpo_fast import TRPOConfig, TRPOTrainer
 
     tok, model, data = parts()
     values = dict(output_dir=out_dir, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4,
@@ -150,8 +140,8 @@ def trpo_one_step(out_dir, estimator, **kw):
         values.update(per_device_train_batch_size=16, gradient_accumulation_steps=1, vf_iters=2,
                       adam_epsilon=1e-4)
     values.update(kw)
-    trainer = fixed_trainer_class(TRPOTrainer)(model, [char_reward], data, config=TRPOConfig(**values),
-                                               tokenizer=tok)
+    trainer = TRPOTrainer(model, [char_reward], data, config=TRPOConfig(**values), tokenizer=tok,
+                          engine=FixedEngine(tok))
     history = trainer.train()
     params = model_params(trainer)
     if trainer.critic is not None:
@@ -161,7 +151,7 @@ def trpo_one_step(out_dir, estimator, **kw):
 
 def resume_run(out_dir, mode, resume=None):
     """4 real (sampled) steps, checkpoint at step 2; or the same run resumed from that checkpoint."""
-    from grpo_fast.trainer import GRPOTrainer
+    from grpo_fast import GRPOTrainer
 
     tok, model, data = parts()
     cfg = make_config(out_dir, max_steps=4, save_steps=2, distributed=mode, resume_from_checkpoint=resume,
@@ -175,7 +165,7 @@ def resume_run(out_dir, mode, resume=None):
 def worker(mode, out):
     import torch.distributed as dist
 
-    from grpo_fast.trainer import ConfigError
+    from grpo_fast import ConfigError
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -263,27 +253,28 @@ def _assert_params_close(got, want, tol=1e-5):
 
 # ----------------------------------------------------------------------------- tests
 def test_local_indices_cover_the_global_prompts_in_order():
-    from grpo_fast.trainer.distributed import DistContext
-    from grpo_fast.trainer.base import PromptSampler, RLTrainer
+    from grpo_fast.train.data import PromptSampler, local_slice
 
     glob = PromptSampler(100, seed=3).take(8)
-    pieces = []
-    for r in range(4):
-        fake = RLTrainer.__new__(RLTrainer)
-        fake.dist = DistContext(rank=r, world_size=4, mode="ddp")
-        pieces.append(RLTrainer._local_indices(fake, glob))
+    pieces = [local_slice(glob, r, 4) for r in range(4)]
     assert [len(p) for p in pieces] == [2] * 4 and sum(pieces, []) == glob
 
 
 def test_fixed_rollout_is_independent_of_the_layout(tmp_path):
     """The premise of the equivalence test: a prompt's completions do not depend on its neighbours."""
     tok, model, data = parts()
-    tr = fixed_trainer_class()(model, [char_reward], data, config=make_config(str(tmp_path)), tokenizer=tok)
-    whole = tr.rollout([5, 17, 42, 8])
-    half = tr.rollout([42, 8])
-    assert torch.equal(whole.completion_ids[2 * G:], half.completion_ids)
+    from grpo_fast import GRPOTrainer
+    from grpo_fast.train.batches import sampling_settings
+
+    cfg = make_config(str(tmp_path))
+    tr = GRPOTrainer(model, [char_reward], data, config=cfg, tokenizer=tok, engine=FixedEngine(tok))
+    produce = lambda idx: tr.producer.produce([data[i] for i in idx], idx, sampling_settings(cfg), G)  # noqa: E731
+    whole, half = produce([5, 17, 42, 8]), produce([42, 8])
+    T_half = half.completion_ids.shape[1]
+    assert torch.equal(whole.completion_ids[2 * G:, :T_half], half.completion_ids)
     assert whole.completions[2 * G:] == half.completions
-    assert whole.completion_mask.sum() > whole.completion_mask.shape[0]   # varied lengths
+    assert whole.completion_attention.sum() > whole.completion_attention.shape[0]   # varied lengths
+    tr.close()
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from grpo_fast.rewards import accuracy_reward
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
-from grpo_fast.trainer.policy import fused_head_for
+from grpo_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
+from grpo_fast.model import fused_head_for
+from steps import prepare, produce, score, update
 
 COMMON = dict(learning_rate=5e-4, lr_scheduler_type="constant", max_steps=1, max_prompt_length=16,
               max_completion_length=4, save_steps=0, seed=0, disable_tqdm=True, plot=False, save_final_model=False,
@@ -20,7 +21,7 @@ def _train(cls, cfg_cls, parts, tmp_path, fused, **kw):
                   **dict(COMMON, **kw))
     trainer = cls(copy.deepcopy(parts["model"]), [accuracy_reward], parts["train_dataset"], config=cfg,
                   tokenizer=parts["tokenizer"])
-    assert (trainer.fused_head is not None) == fused
+    assert (trainer.policy.fused_head is not None) == fused
     history = trainer.train()
     return history[-1], {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
@@ -65,13 +66,12 @@ def test_fused_update_makes_no_logits(demo_parts, tmp_path):
                      num_iterations=2, **dict(COMMON, max_completion_length=8))
     trainer = GRPOTrainer(copy.deepcopy(demo_parts["model"]), [accuracy_reward], demo_parts["train_dataset"],
                           config=cfg, tokenizer=demo_parts["tokenizer"])
-    batch = trainer.rollout(list(range(4)))
+    batch = score(trainer, produce(trainer, list(range(4))))
     shapes = []
     hooks = [m.get_output_embeddings().register_forward_hook(lambda mod, a, out: shapes.append(tuple(out.shape)))
              for m in (trainer.model, trainer.ref_model)]
     try:
-        batch = trainer.compute_advantages(trainer.compute_rewards(batch, 1))
-        trainer.update(batch)
+        update(trainer, prepare(trainer, batch))
     finally:
         for h in hooks:
             h.remove()
@@ -104,7 +104,7 @@ def test_fallbacks_say_why(demo_parts, capsys, tmp_path):
     cfg = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, **COMMON)
     trainer = GRPOTrainer(other, [accuracy_reward], demo_parts["train_dataset"], config=cfg,
                           tokenizer=demo_parts["tokenizer"])
-    assert trainer.fused_head is None
+    assert trainer.policy.fused_head is None
     assert "fused_lm_head" in capsys.readouterr().out
 
 

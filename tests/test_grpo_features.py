@@ -15,9 +15,12 @@ import torch
 from grpo_fast import cli
 from grpo_fast.ops import policy_loss, selective_log_softmax
 from grpo_fast.rewards import accuracy_reward, soft_overlong_punishment
-from grpo_fast.trainer import ConfigError, GRPOConfig, GRPOTrainer
-from grpo_fast.trainer.rollout import Rollout, concat_rollouts
-from grpo_fast.trainer.tracking import read_completions
+from grpo_fast import ConfigError, GRPOConfig, GRPOTrainer
+from grpo_fast.rl import informative_groups
+from grpo_fast.rollout import concat_rollouts
+from grpo_fast.train.metrics import rollout_metrics
+from grpo_fast.train.tracking import read_completions
+from steps import next_batch, prepare, produce, score, update
 
 _TIMING = {"tokens_per_s", "generation_time", "step_time"}
 
@@ -87,8 +90,8 @@ def test_eval_strategy_needs_an_eval_dataset(parts, tmp_path):
 def _direct_loss(trainer, batch, **options):
     cfg = trainer.config
     with torch.no_grad():
-        logits = trainer.forward_logits(trainer.model, batch)
-        out = policy_loss(logits.float(), batch.completion_ids, batch.advantages, batch.mask,
+        logits = trainer.policy.logits(trainer.model, batch)
+        out = policy_loss(logits.float(), batch.completion_ids, batch.advantages, batch.loss_mask,
                           ref_logps=batch.ref_logps, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
                           epsilon_low=cfg.epsilon, temperature=cfg.temperature,
                           max_completion_length=cfg.max_completion_length, **options)
@@ -110,12 +113,10 @@ def test_config_fields_reach_policy_loss(parts, tmp_path, options):
     on the same batch, and differs from the call without them (so the field had an effect)."""
     cfg = config(tmp_path, max_steps=1, **options)
     tr = trainer_for(parts, cfg)
-    with tr.rng.scope():
-        batch, _ = tr.sample_batch()
-        batch = tr.compute_advantages(batch)
+    batch = prepare(tr, next_batch(tr))
     assert len(batch) == cfg.per_device_train_batch_size
     loss_opts = {k: v for k, v in options.items() if k != "beta"}
-    n_items = float(batch.mask.sum()) if options["loss_type"] in ("dapo", "cispo") else None
+    n_items = float(batch.loss_mask.sum()) if options["loss_type"] in ("dapo", "cispo") else None
     expected = _direct_loss(tr, batch, num_items_in_batch=n_items, **loss_opts)
     plain = {"loss_type": options["loss_type"], "epsilon_high": options.get("epsilon_high")}
     if "use_bias_correction_kl" in options:
@@ -123,8 +124,7 @@ def test_config_fields_reach_policy_loss(parts, tmp_path, options):
         # the KL term's gradient below instead of the value
         plain["use_bias_correction_kl"] = False
     default = _direct_loss(tr, batch, num_items_in_batch=n_items, **plain)
-    with tr.rng.scope():
-        metrics = tr.update(batch)
+    metrics = update(tr, batch)
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     if options["loss_type"] == "cispo":  # on-policy (ratio 1) cispo's value equals dapo's; its metric tells
         assert "cispo_clip_ratio" in metrics
@@ -145,22 +145,19 @@ def test_use_bias_correction_kl_reaches_the_gradient(parts, tmp_path, corrected)
         for p in ref.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     tr = trainer_for(parts, cfg, ref_model=ref)
-    with tr.rng.scope():
-        batch, _ = tr.sample_batch()
-        batch = tr.compute_advantages(batch)
+    batch = prepare(tr, next_batch(tr))
 
     def direct_grad(flag):
         model = copy.deepcopy(tr.model)
-        logits = tr.forward_logits(model, batch)
-        out = policy_loss(logits, batch.completion_ids, batch.advantages, batch.mask, ref_logps=batch.ref_logps,
+        logits = tr.policy.logits(model, batch)
+        out = policy_loss(logits, batch.completion_ids, batch.advantages, batch.loss_mask, ref_logps=batch.ref_logps,
                           loss_type=cfg.loss_type, beta=cfg.beta, epsilon_low=cfg.epsilon,
-                          num_items_in_batch=float(batch.mask.sum()), use_bias_correction_kl=flag)
+                          num_items_in_batch=float(batch.loss_mask.sum()), use_bias_correction_kl=flag)
         out.loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     same, other = direct_grad(corrected), direct_grad(not corrected)
-    with tr.rng.scope():
-        tr.update(batch)
+    update(tr, batch)
     got = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
     scale = float(same.abs().max())
     assert float((same - other).abs().max()) > 1e-3 * scale, "the option does not change the gradient here"
@@ -170,7 +167,7 @@ def test_use_bias_correction_kl_reaches_the_gradient(parts, tmp_path, corrected)
 def test_ppo_keeps_the_deepseekmath_kl_term():
     import inspect
 
-    from grpo_fast.trainer import ppo
+    from grpo_fast import ppo
     assert "use_bias_correction_kl=False" in inspect.getsource(ppo.PPOTrainer)
 
 
@@ -185,8 +182,8 @@ def test_adaptive_entropy_follows_trls_rule_and_resumes(parts, tmp_path):
     assert coefs == pytest.approx([0.0, 0.014, 0.018, 0.019])
     assert tr.entropy_coef == pytest.approx(0.019)
     # quantile 1: the controller's H is the step's token-mean entropy
-    assert tr.last_entropy == pytest.approx(history[-1]["entropy"], rel=1e-6)
-    state = tr.extra_state()
+    assert tr.algorithm.entropy.last == pytest.approx(history[-1]["entropy"], rel=1e-6)
+    state = tr.algorithm.state_dict()
     assert all(isinstance(v, float) for v in state.values()) and {"entropy_coef", "last_entropy"} <= set(state)
     resumed = trainer_for(parts, cfg.replace(resume_from_checkpoint=os.path.join(cfg.output_dir, "checkpoint-2"),
                                              output_dir=str(tmp_path / "resumed")))
@@ -203,18 +200,18 @@ def test_adaptive_entropy_follows_trls_rule_and_resumes(parts, tmp_path):
 # ----------------------------------------------------------------------------- dynamic sampling
 def test_informative_groups():
     r = torch.tensor([1., 1., 1., 0., 0., 0., float("nan"), 1., float("nan"), float("nan"), 1., 0.])
-    assert GRPOTrainer.informative_groups(r, 3).tolist() == [False, False, False, True]
-    assert GRPOTrainer.informative_groups(r, 2).tolist() == [False, True, False, False, False, True]
+    assert informative_groups(r, 3).tolist() == [False, False, False, True]
+    assert informative_groups(r, 2).tolist() == [False, True, False, False, False, True]
 
 
 def test_concat_rollouts_pads_to_common_widths(parts, tmp_path):
     tr = trainer_for(parts, config(tmp_path))
-    with tr.rng.scope():
-        a = tr.compute_rewards(tr.rollout([0, 1]), 1)
-        b = tr.compute_rewards(tr.rollout([99, 5]), 1)
+    a = score(tr, produce(tr, [0, 1]))
+    b = score(tr, produce(tr, [99, 5]))
     # make the widths differ: a longer prompt part
     b = dataclasses.replace(b, prompt_ids=torch.cat([torch.full((len(b), 2), 0), b.prompt_ids], 1),
-                            prompt_mask=torch.cat([torch.zeros(len(b), 2, dtype=b.prompt_mask.dtype), b.prompt_mask], 1))
+                            prompt_attention=torch.cat([torch.zeros(len(b), 2, dtype=b.prompt_attention.dtype),
+                                                        b.prompt_attention], 1))
     c = concat_rollouts([a, b], tr.tokenizer.pad_token_id)
     assert len(c) == len(a) + len(b) and c.prompts == a.prompts + b.prompts
     assert c.prompt_ids.shape[1] == max(a.prompt_ids.shape[1], b.prompt_ids.shape[1])
@@ -226,6 +223,7 @@ def test_concat_rollouts_pads_to_common_widths(parts, tmp_path):
             assert ids[mask.bool()].tolist() == cids[cmask.bool()].tolist()
             assert pos[mask.bool()].tolist() == cpos[cmask.bool()].tolist()
     assert torch.equal(c.rewards, torch.cat([a.rewards, b.rewards]))
+    assert len(set(c.group_ids.tolist())) == len(c) // c.group_size        # the parts' groups stay apart
     sel = c.select([8, 9, 10, 11])
     assert sel.prompts == b.prompts[:4] and torch.equal(sel.completion_ids, c.completion_ids[8:12])
     with pytest.raises(ValueError, match="group sizes"):
@@ -298,22 +296,18 @@ def test_mask_truncated_completions_through_the_trainer(parts, tmp_path):
     cfg = config(tmp_path, max_steps=1, max_completion_length=2, mask_truncated_completions=True,
                  max_grad_norm=0.0, per_device_train_batch_size=32)
     tr = trainer_for(parts, cfg)
-    with tr.rng.scope():
-        batch, _ = tr.sample_batch()
-        batch = tr.compute_advantages(batch)
+    batch = prepare(tr, next_batch(tr))
     trunc = batch.truncated.cpu()
     assert 0 < int(trunc.sum()) < len(batch), "need both truncated and finished completions"
-    assert float(batch.mask[trunc].sum()) == 0.0 and float(batch.mask[~trunc].sum()) > 0
-    assert torch.equal(batch.completion_mask[trunc].sum(1) > 0, torch.ones(int(trunc.sum()), dtype=torch.bool))
-    metrics = tr.rollout_metrics(batch)
+    assert float(batch.loss_mask[trunc].sum()) == 0.0 and float(batch.loss_mask[~trunc].sum()) > 0
+    assert torch.equal(batch.sampled_mask[trunc].sum(1) > 0, torch.ones(int(trunc.sum()), dtype=torch.bool))
+    metrics = rollout_metrics(batch, tr.reward_names)
     assert metrics["clipped_ratio"] == pytest.approx(float(trunc.double().mean()))
 
     other = trainer_for(parts, cfg.replace(output_dir=str(tmp_path / "other")))
     keep = torch.nonzero(~trunc).flatten().tolist()
-    with tr.rng.scope():
-        tr.update(batch)
-    with other.rng.scope():
-        other.update(batch.select(keep))
+    update(tr, batch)
+    update(other, batch.select(keep))
     g_all = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
     g_kept = torch.cat([p.grad.flatten() for p in other.model.parameters() if p.grad is not None])
     assert g_all.abs().max() > 0
@@ -404,10 +398,15 @@ def _ds_worker(out):
     model = demo.build_model(tok, seed=0)
     sizes = []
 
-    class Recording(GRPOTrainer):
-        def update(self, batch):
+    from grpo_fast.algorithms.grpo import GRPO
+
+    class RecordingGRPO(GRPO):
+        def update(self, batch, step):
             sizes.append(len(batch))
-            return super().update(batch)
+            return super().update(batch, step)
+
+    class Recording(GRPOTrainer):
+        algorithm_class = RecordingGRPO
 
     cfg = GRPOConfig(output_dir=os.path.join(out, "run"), learning_rate=1e-3, lr_scheduler_type="constant",
                      max_steps=3, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_generations=4,

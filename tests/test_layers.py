@@ -1,8 +1,10 @@
 """The package's architecture, read from its imports (ast), so the layering stays true.
 
 Layers, lowest first; a module may import its own layer and the ones below, never above:
-    _C, kernels  <  ops  <  rl  <  rewards  <  trainer  <  demo, cli, __main__
+    _C, kernels < ops < rl < config < model < rollout < rewards < train < algorithms < demo, cli, __main__
 The package facade grpo_fast/__init__.py imports nothing at import time (its names resolve lazily).
+Within that: the rollout engines import no algorithm and nothing of the loop, the rewards nothing of
+the loop, and the algorithm files no sibling.
 """
 import ast
 import pathlib
@@ -13,8 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PKG = ROOT / "grpo_fast"
 KERNELS = ROOT / "kernels"
 
-LAYERS = {"_C": 0, "kernels": 0, "ops": 1, "rl": 2, "rewards": 3, "trainer": 4, "demo": 5, "cli": 5, "__main__": 5}
-ALGORITHM_FILES = {"grpo", "ppo", "trpo"}
+LAYERS = {"_C": 0, "kernels": 0, "ops": 1, "rl": 2, "config": 3, "model": 4, "rollout": 5, "rewards": 6,
+          "train": 7, "algorithms": 8, "demo": 9, "cli": 9, "__main__": 9}
 # third-party packages a module may import inside a function: optional extras, or the GPU-only compiler
 OPTIONAL = {"peft", "tensorboard", "matplotlib", "vllm", "triton", "datasets", "trl"}
 
@@ -112,15 +114,42 @@ def test_imports_at_module_top(module, path):
         assert ok, f"{path.relative_to(ROOT)}:{line} imports {name} inside a function: move it to the top"
 
 
-def test_algorithm_files_do_not_import_each_other():
+def _imports_of(package: str):
+    """(module, path, imported name, line) of every grpo_fast import made by modules of `package`."""
     for module, path in MODULES:
-        parts = module.split(".")
-        if parts[:2] != ["grpo_fast", "trainer"] or len(parts) < 3 or parts[2] not in ALGORITHM_FILES:
-            continue
-        for name, _, line in _imports(module, path):
-            np = name.split(".")
-            if np[:2] == ["grpo_fast", "trainer"] and len(np) > 2 and np[2] in ALGORITHM_FILES and np[2] != parts[2]:
-                pytest.fail(f"{path.relative_to(ROOT)}:{line} imports the sibling algorithm {name}")
+        if module == f"grpo_fast.{package}" or module.startswith(f"grpo_fast.{package}."):
+            for name, _, line in _imports(module, path):
+                if name.startswith("grpo_fast"):
+                    yield module, path, name, line
+
+
+def _is_in(name: str, *packages: str) -> bool:
+    return any(name == f"grpo_fast.{p}" or name.startswith(f"grpo_fast.{p}.") for p in packages)
+
+
+def test_rollout_engines_import_no_algorithm_and_nothing_of_the_loop():
+    for module, path, name, line in _imports_of("rollout"):
+        assert not _is_in(name, "algorithms", "train", "rewards"), \
+            f"{path.relative_to(ROOT)}:{line} imports {name}: rollout engines know no algorithm, loop or reward"
+
+
+def test_rewards_import_nothing_of_the_loop():
+    for module, path, name, line in _imports_of("rewards"):
+        assert not _is_in(name, "train", "algorithms"), f"{path.relative_to(ROOT)}:{line} imports {name}"
+
+
+def test_algorithm_files_do_not_import_each_other():
+    for module, path, name, line in _imports_of("algorithms"):
+        own = module.split(".")[2] if len(module.split(".")) > 2 else None
+        other = name.split(".")[2] if len(name.split(".")) > 2 and _is_in(name, "algorithms") else None
+        if own is not None and other is not None and other != own:
+            pytest.fail(f"{path.relative_to(ROOT)}:{line} imports the sibling algorithm {name}")
+
+
+def test_the_loop_imports_no_algorithm():
+    for module, path, name, line in _imports_of("train"):
+        assert not _is_in(name, "algorithms"), f"{path.relative_to(ROOT)}:{line} imports {name}: the loop composes " \
+                                               "an algorithm it is given"
 
 
 def test_no_import_cycles():
@@ -154,8 +183,9 @@ def test_no_import_cycles():
 def test_the_rules_can_fail(tmp_path):
     """The checker itself: an upward import, a lazy internal import and a sibling import are caught."""
     bad = tmp_path / "bad.py"
-    bad.write_text("from grpo_fast.trainer import base\n\ndef f():\n    import json\n")
+    bad.write_text("from grpo_fast.train import trainer\n\ndef f():\n    import json\n")
     found = list(_imports("grpo_fast.ops.bad", bad))
-    assert ("grpo_fast.trainer", True, 1) in found
-    assert _layer("grpo_fast.trainer") > _layer("grpo_fast.ops.bad")
+    assert ("grpo_fast.train", True, 1) in found
+    assert _layer("grpo_fast.train") > _layer("grpo_fast.ops.bad")
+    assert _is_in("grpo_fast.algorithms.ppo", "algorithms") and not _is_in("grpo_fast.trainx", "train")
     assert ("json", False, 4) in found and "json" not in OPTIONAL

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_fast import group_advantages
-from grpo_fast.trainer import (GRPOConfig, GRPOTrainer, NonFiniteUpdateError, PPOConfig, PPOTrainer,
+from grpo_fast import (GRPOConfig, GRPOTrainer, NonFiniteUpdateError, PPOConfig, PPOTrainer,
                                RewardFunctionError, TRPOConfig, TRPOTrainer)
-from grpo_fast.trainer import checkpoint as ckpt
+from grpo_fast.train import checkpoint as ckpt
 
 COMMON = dict(learning_rate=1e-3, lr_scheduler_type="constant", max_steps=1, per_device_train_batch_size=8,
               max_prompt_length=16, max_completion_length=3, save_steps=0, seed=0, disable_tqdm=True, plot=False,

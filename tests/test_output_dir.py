@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from grpo_fast.rewards import accuracy_reward
-from grpo_fast.trainer import CorruptCheckpointError, GRPOConfig, GRPOTrainer, OutputDirError
-from grpo_fast.trainer import checkpoint as ckpt
+from grpo_fast import CorruptCheckpointError, GRPOConfig, GRPOTrainer, OutputDirError
+from grpo_fast.train import checkpoint as ckpt
 
 
 def cfg(out, **kw):

@@ -8,11 +8,12 @@ import torch
 
 from grpo_fast import demo
 from grpo_fast.rl import AdaptiveKLController, masked_whiten, token_rewards
-from grpo_fast.trainer import PPOConfig, PPOTrainer
+from grpo_fast import PPOConfig, PPOTrainer
 from grpo_fast.rewards import accuracy_reward
-from grpo_fast.trainer import ConfigError
-from grpo_fast.trainer import checkpoint as ckpt
-from grpo_fast.trainer.critic import ValueModel
+from grpo_fast import ConfigError
+from grpo_fast.train import checkpoint as ckpt
+from grpo_fast.model.critic import ValueModel
+from steps import prepared_batch, update
 
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
@@ -37,10 +38,7 @@ def make_trainer(parts, config, **kw):
 
 
 def rollout(trainer, n=16):
-    batch = trainer.rollout(list(range(n)))
-    batch = trainer.compute_rewards(batch, 1)
-    batch = trainer.compute_advantages(batch)
-    return batch
+    return prepared_batch(trainer, list(range(n)))
 
 
 def gae_loop(rewards, values, mask, gamma, lam):
@@ -72,7 +70,7 @@ def test_gae_through_the_trainer_matches_a_python_loop(parts, tmp_path, share):
         with torch.no_grad():
             trainer.critic.model.head.summary.weight.normal_(0, 0.3)
     batch = rollout(trainer)
-    mask = batch.completion_mask.bool()
+    mask = batch.loss_mask.bool()
     values = batch.extras["values"]
     assert values[mask].abs().sum() > 0
     # the token rewards: -beta * (logp - ref) everywhere, plus the score on the last token
@@ -120,7 +118,7 @@ def test_clipped_value_loss_formula(parts, tmp_path):
     old = torch.tensor([[0.5, 0.1, 0.5]])
     ret = torch.tensor([[2.0, -1.0, 0.0]])
     mask = torch.tensor([[1, 1, 0]])
-    loss, n_clipped = trainer.value_loss(new, old, ret, mask, denom=2.0)
+    loss, n_clipped = trainer.algorithm.value_loss(new, old, ret, mask, denom=2.0)
     # token 0: unclipped (1-2)^2 = 1, clipped 0.7 -> (0.7-2)^2 = 1.69 (larger); token 1: |0-0.1| < 0.2 -> 1
     assert math.isclose(float(loss), 0.5 * (1.69 + 1.0) / 2.0, rel_tol=1e-6)
     assert n_clipped == 1.0
@@ -133,15 +131,15 @@ def test_value_loss_falls_on_a_fixed_batch(parts, tmp_path, share):
                        num_mini_batches=1, per_device_train_batch_size=32, share_policy_trunk=share, beta=0.0)
     trainer = make_trainer(parts, cfg)
     batch = rollout(trainer, 32)
-    returns, mask = batch.extras["returns"], batch.completion_mask.float()
+    returns, mask = batch.extras["returns"], batch.loss_mask.float()
 
     def mse():
         with torch.no_grad():
-            _, v = trainer.forward(batch, slice(None))
+            _, v = trainer.algorithm.forward(batch, slice(None))
         return float((((v - returns) ** 2) * mask).sum() / mask.sum())
 
     before = mse()
-    losses = [trainer.update(batch)["value_loss"] for _ in range(8)]
+    losses = [update(trainer, batch)["value_loss"] for _ in range(8)]
     after = mse()
     assert after < 0.75 * before, (before, after, losses)  # the returns are noisy: part of the error stays
     assert losses[-1] < losses[0], losses
@@ -243,7 +241,7 @@ def test_peft_policy(parts, tmp_path, share):
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     cfg = small_config(tmp_path, beta=0.1, share_policy_trunk=share, save_final_model=True)
     trainer = make_trainer(parts, cfg, peft_config=lora)
-    assert trainer.ref_model is None and trainer.is_peft
+    assert trainer.ref_model is None and hasattr(trainer.model, "peft_config")
     frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     history = trainer.train()
     assert abs(history[0]["kl"]) < 1e-5 and history[-1]["kl"] != 0.0  # adapter starts at zero, then moves

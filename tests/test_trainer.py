@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from grpo_fast import demo
-from grpo_fast.trainer import ConfigError, GRPOConfig, GRPOTrainer, RewardFunctionError
-from grpo_fast.trainer import checkpoint as ckpt
+from grpo_fast import ConfigError, GRPOConfig, GRPOTrainer, RewardFunctionError
+from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.rewards import accuracy_reward
+from steps import make_rollout, prepare, produce, score
 
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
@@ -80,23 +81,21 @@ def test_policy_logits_match_generation(parts):
     scores = torch.stack(out.scores, 1)                                         # (B, T, V)
     cfg = GRPOConfig(disable_tqdm=True, report_to="none")
     trainer = GRPOTrainer(model, [accuracy_reward], parts["train_dataset"], config=cfg, tokenizer=tok)
-    from grpo_fast.trainer.rollout import Rollout
-
     comp = out.sequences[:, enc["input_ids"].shape[1]:]
-    batch = Rollout(prompts=[], completions=[], dataset_index=[], columns={}, prompt_ids=enc["input_ids"],
-                    prompt_mask=enc["attention_mask"], completion_ids=comp, completion_mask=torch.ones_like(comp),
-                    truncated=torch.zeros(3, dtype=torch.bool))
+    batch = make_rollout(enc["input_ids"], enc["attention_mask"], comp, torch.ones_like(comp))
     with torch.no_grad():
-        logits = trainer.forward_logits(model, batch)
+        logits = trainer.policy.logits(model, batch)
     assert logits.shape == scores.shape
     torch.testing.assert_close(logits, scores, atol=1e-4, rtol=1e-4)
 
 
 def test_completion_mask_stops_at_first_eos(parts, tmp_path):
     trainer = make_trainer(parts, small_config(tmp_path))
-    batch = trainer.rollout([0, 1, 2, 3])
+    batch = produce(trainer, [0, 1, 2, 3])
     eos = parts["tokenizer"].eos_token_id
-    for ids, m, tr in zip(batch.completion_ids, batch.completion_mask, batch.truncated):
+    assert torch.equal(batch.sampled_mask, batch.completion_attention)   # one turn: every token was sampled
+    assert batch.rewards is None and batch.loss_mask is None                # not scored yet
+    for ids, m, tr in zip(batch.completion_ids, batch.completion_attention, batch.truncated):
         n = int(m.sum())
         assert m[:n].all() and not m[n:].any()
         if tr:
@@ -262,9 +261,7 @@ def test_trl_signature_extra_columns_and_none(parts, tmp_path):
     assert h["rewards/spy_reward/mean"] > 0
 
     # None everywhere -> NaN reward -> advantage 0; partial None -> weighted sum of the rest
-    batch = trainer.rollout([0, 1])
-    batch = trainer.compute_rewards(batch, 1)
-    batch = trainer.compute_advantages(batch)
+    batch = prepare(trainer, score(trainer, produce(trainer, [0, 1])))
     nan_rows = torch.isnan(batch.rewards)
     assert torch.isnan(batch.rewards_per_func[:, 2]).all()
     assert (batch.advantages[nan_rows] == 0).all()
@@ -276,8 +273,7 @@ def test_reward_weights_sum(parts, tmp_path):
     twos = lambda prompts, completions, completion_ids, **kw: [2.0] * len(prompts)  # noqa: E731
     cfg = small_config(tmp_path, reward_weights=[0.5, 3.0])
     trainer = make_trainer(parts, cfg, reward_funcs=[ones, twos])
-    batch = trainer.rollout([0])
-    batch = trainer.compute_rewards(batch, 1)
+    batch = score(trainer, produce(trainer, [0]))
     assert torch.allclose(batch.rewards, torch.full((4,), 6.5))
 
 
@@ -322,7 +318,7 @@ def test_chat_prompts_and_model_from_path(parts, tmp_path):
     trainer.train()
     prompt, completion = seen[0]
     assert prompt[0]["role"] == "user" and completion[0]["role"] == "assistant"
-    batch = trainer.rollout([0])
+    batch = produce(trainer, [0])
     text = parts["tokenizer"].decode(batch.prompt_ids[0], skip_special_tokens=True)
     assert text.startswith("user: ") and text.endswith("assistant: ")
 

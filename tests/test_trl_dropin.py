@@ -16,11 +16,11 @@ from transformers import TrainerCallback, TrainerState
 
 from grpo_fast import cli, demo
 from grpo_fast.rewards import accuracy_reward
-from grpo_fast.trainer import (ConfigError, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RewardFunctionError,
-                               TRPOConfig, TRPOTrainer)
-from grpo_fast.trainer import config as config_mod
-from grpo_fast.trainer.base import RLTrainer
-from grpo_fast.trainer.policy import accepts_index_logits_to_keep, forward_logits
+from grpo_fast import (ConfigError, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RewardFunctionError,
+                       TRPOConfig, TRPOTrainer)
+from grpo_fast import config as config_mod
+from grpo_fast.train.metrics import reward_stats
+from grpo_fast.model import accepts_index_logits_to_keep, forward_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -370,12 +370,11 @@ def test_masked_truncation_leaves_completion_length_as_sampled(demo_parts, tmp_p
 
 
 def test_reward_std_with_groups_of_one_is_the_batch_std():
-    fake = type("T", (), {"reward_names": ["r"]})()
     rewards = torch.tensor([0.0, 1.0, 1.0, 3.0])
-    m = RLTrainer._reward_stats(fake, rewards, rewards[:, None], torch.ones(4), torch.zeros(4, dtype=torch.bool), 1)
+    m = reward_stats(rewards, rewards[:, None], torch.ones(4), torch.zeros(4, dtype=torch.bool), 1, ["r"])
     assert m["reward_std"] == pytest.approx(float(rewards.double().std()))
     assert m["frac_reward_zero_std"] == 0.0
-    m2 = RLTrainer._reward_stats(fake, rewards, rewards[:, None], torch.ones(4), torch.zeros(4, dtype=torch.bool), 2)
+    m2 = reward_stats(rewards, rewards[:, None], torch.ones(4), torch.zeros(4, dtype=torch.bool), 2, ["r"])
     assert m2["reward_std"] == pytest.approx((0.5 ** 0.5 + 2 ** 0.5) / 2)
 
 
@@ -393,11 +392,8 @@ def test_logits_to_keep_decided_from_the_signature(demo_parts):
         def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **kw):
             raise RuntimeError("CUDA out of memory (simulated)")
 
-    from grpo_fast.trainer.rollout import Rollout
-    batch = Rollout(prompts=["a"], completions=["b"], completion_ids_list=[[1]], dataset_index=[0], columns={},
-                    prompt_ids=torch.tensor([[1]]), prompt_mask=torch.tensor([[1]]),
-                    completion_ids=torch.tensor([[2]]), completion_mask=torch.tensor([[1]]),
-                    truncated=torch.tensor([False]), group_size=1)
+    from steps import make_rollout
+    batch = make_rollout(torch.tensor([[1]]), torch.tensor([[1]]), torch.tensor([[2]]), torch.tensor([[1]]))
     with pytest.raises(RuntimeError, match="out of memory"):
         forward_logits(OOM(), batch, slice(None), index_logits_to_keep=accepts_index_logits_to_keep(OOM()))
 

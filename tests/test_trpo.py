@@ -8,9 +8,10 @@ import torch
 from grpo_fast import demo
 from grpo_fast.rl.natural_gradient import fisher_vector_product, flat_grad, get_flat, set_flat
 from grpo_fast.rewards import accuracy_reward
-from grpo_fast.trainer import ConfigError
-from grpo_fast.trainer import checkpoint as ckpt
-from grpo_fast.trainer.trpo import TRPOConfig, TRPOTrainer
+from grpo_fast import ConfigError
+from grpo_fast.train import checkpoint as ckpt
+from grpo_fast import TRPOConfig, TRPOTrainer
+from steps import prepared_batch
 
 TIMING = {"tokens_per_s", "step_time", "generation_time"}
 
@@ -35,22 +36,22 @@ def make_trainer(parts, config, model=None, **kw):
 
 
 def kl_checked(trainer, log):
-    """Wrap update(): after each step, recompute the KL to the rollout policy independently."""
-    inner = trainer.update
+    """Wrap the update: after each step, recompute the KL to the rollout policy independently."""
+    inner = trainer.algorithm.update
 
-    def update(batch):
-        metrics = inner(batch)
+    def update(batch, step):
+        metrics = inner(batch, step)
         with torch.no_grad():
             trainer.model.eval()
             old = batch.extras["old_log_softmax"]
-            logits = trainer.forward_logits(trainer.model, batch)
+            logits = trainer.policy.logits(trainer.model, batch)
             new = torch.log_softmax(logits.double() / trainer.config.temperature, -1)
             kl = (old.double().exp() * (old.double() - new)).sum(-1)
-            m = batch.completion_mask.double()
+            m = batch.loss_mask.double()
             log.append((metrics, float((kl * m).sum() / m.sum())))
         return metrics
 
-    trainer.update = update
+    trainer.algorithm.update = update
 
 
 # ----------------------------------------------------------------------------- the constraint
@@ -107,13 +108,11 @@ def test_fisher_vector_product_through_the_trainer_kl(parts, tmp_path):
     model = demo.build_model(tok, hidden_size=16, num_layers=1, seed=5).double()
     trainer = make_trainer(parts, small_config(tmp_path, per_device_train_batch_size=8, num_generations=4),
                            model=model)
-    batch = trainer.rollout([3, 17])
-    batch = trainer.compute_rewards(batch, 1)
-    batch = trainer.compute_advantages(batch)
+    batch = prepared_batch(trainer, [3, 17])
     assert batch.extras["old_log_softmax"].dtype == torch.float64
     trainer.model.eval()
-    params = trainer.trainable_parameters()
-    kl_fn = lambda: trainer.mean_kl(batch)  # noqa: E731
+    params = trainer.algorithm.trainable_parameters()
+    kl_fn = lambda: trainer.algorithm.mean_kl(batch)  # noqa: E731
     assert abs(float(kl_fn().detach())) < 1e-12  # KL(old || old) = 0 at the rollout parameters
     theta = get_flat(params)
     g = torch.Generator().manual_seed(0)
@@ -145,7 +144,7 @@ def test_lora_parameters_only(parts, tmp_path):
                            init_lora_weights=False)  # non-zero B: the adapter's gradient is not zero
     cfg = small_config(tmp_path, max_steps=2, max_kl=0.01, save_steps=1)
     trainer = make_trainer(parts, cfg, model=model, peft_config=lora)
-    params = trainer.trainable_parameters()
+    params = trainer.algorithm.trainable_parameters()
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert params and all("lora_" in names[id(p)] for p in params)
     n_lora = sum(p.numel() for p in params)

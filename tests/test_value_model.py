@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from grpo_fast import demo
-from grpo_fast.trainer.critic import critic_values
-from grpo_fast.trainer.policy import forward_hidden
-from grpo_fast.trainer.rollout import Rollout
-from grpo_fast.trainer.critic import ValueHead, ValueModel, build_value_model, hidden_size_of, trunk_of
+from grpo_fast.model.critic import critic_values
+from grpo_fast.model import forward_hidden
+from steps import make_rollout
+from grpo_fast.model.critic import ValueHead, ValueModel, build_value_model, hidden_size_of, trunk_of
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,7 @@ def sample_batch(tok, T=5):
     cmask = torch.ones_like(comp)
     cmask[1, 3:] = 0
     comp[1, 3:] = tok.pad_token_id
-    return Rollout(prompts=[], completions=[], dataset_index=[], columns={}, prompt_ids=enc["input_ids"],
-                   prompt_mask=enc["attention_mask"], completion_ids=comp, completion_mask=cmask,
-                   truncated=torch.zeros(3, dtype=torch.bool))
+    return make_rollout(enc["input_ids"], enc["attention_mask"], comp, cmask)
 
 
 def _perturb_head(vm, seed=1):
@@ -68,7 +66,7 @@ def test_value_positions_are_the_states_before_each_token(policy, tok):
             ids = torch.cat([batch.prompt_ids[i][batch.prompt_mask[i].bool()], batch.completion_ids[i]])
             h = vm.trunk(input_ids=ids[None]).last_hidden_state[0]            # (L, H)
             p = int(batch.prompt_mask[i].sum())
-            n = int(batch.completion_mask[i].sum())
+            n = int(batch.completion_attention[i].sum())
             ref = vm.head(h[p - 1:p - 1 + n])
             torch.testing.assert_close(v[i, :n], ref, atol=1e-5, rtol=1e-5)
         assert P >= 1

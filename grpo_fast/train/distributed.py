@@ -14,6 +14,7 @@ exists), so a plain `python` run never initialises anything.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import inspect
@@ -27,7 +28,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-__all__ = ["DistContext", "average_gradients", "cleanup", "decoder_layers", "gradient_sync", "init_from_env",
+__all__ = ["DistContext", "average_gradients", "decoder_layers", "gradient_sync", "init_from_env",
            "pick_device", "wrap_model"]
 
 
@@ -152,6 +153,10 @@ def init_from_env(mode: str = "ddp", timeout_s: int = 1800) -> DistContext:
 
     nccl when CUDA is available, else gloo; each rank's CUDA device is cuda:LOCAL_RANK. A world of
     one process (plain python, or torchrun --nproc_per_node 1) gets a context with mode "none".
+
+    A group created here lives until the process ends (destroyed at exit): under torchrun a group
+    destroyed and created again finds the launcher's store still holding the first group's
+    addresses, so a second trainer in the same script must reuse the group, not re-create it.
     """
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -170,6 +175,7 @@ def init_from_env(mode: str = "ddp", timeout_s: int = 1800) -> DistContext:
         if cuda:
             kw["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **kw)
+        atexit.register(_destroy_at_exit)
         owns = True
     else:
         return DistContext()
@@ -178,12 +184,9 @@ def init_from_env(mode: str = "ddp", timeout_s: int = 1800) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, mode=mode, owns_group=owns)
 
 
-def cleanup(ctx: Optional[DistContext]) -> None:
-    """Destroy the process group if init_from_env created it."""
-
-    if ctx is not None and ctx.owns_group and dist.is_initialized():
+def _destroy_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        ctx.owns_group = False
 
 
 def pick_device(spec: Optional[str], ctx: DistContext) -> torch.device:

@@ -6,8 +6,9 @@
                                                                 update)
 
 It owns the cadence (log, evaluate, save, stop) and the run's resources: everything it opens is
-closed by close(), which train() calls on success, on error and on Ctrl-C (the engine it built,
-the reward runner's event loop and thread, the process group it joined). Each algorithm file
+closed by close(), which train() calls on success, on error and on Ctrl-C (the engine it built and
+its temporary files, the reward runner's event loop and thread). A process group it joined lives
+until the process exits (train/distributed.py says why). Each algorithm file
 (grpo_fast/algorithms/) subclasses it only to name its config and algorithm classes.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .algorithm import AlgorithmContext
 from .batches import BatchSource
 from .callbacks import Callbacks
 from .data import PromptSampler, check_dataset
-from .distributed import cleanup, init_from_env, pick_device
+from .distributed import init_from_env, pick_device
 from .evaluation import Evaluator
 from .metrics import NoSignalWarning, rollout_metrics
 from .plot import plot_run
@@ -79,8 +80,8 @@ class Trainer:
                algorithm_kwargs) -> None:
         cfg = self.config
         ckpt.check_writable(cfg.output_dir)  # fails now, not after the model has loaded and a step has run
-        self.dist = init_from_env(cfg.distributed, cfg.ddp_timeout)   # torchrun: join the process group
-        self._resources.callback(cleanup, self.dist)
+        # torchrun: join the process group (it lives until the process ends: train/distributed.py)
+        self.dist = init_from_env(cfg.distributed, cfg.ddp_timeout)
         if cfg.prompts_per_step % self.dist.world_size:
             raise ConfigError(f"{cfg.prompts_per_step} prompts per step (the global batch) cannot be split evenly "
                               f"over {self.dist.world_size} processes: make it a multiple of the world size")
@@ -300,8 +301,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ resources
     def close(self) -> None:
-        """Release what the trainer opened: the engine it built, the reward runner's loop and
-        thread, the process group it joined. Idempotent; train() calls it."""
+        """Release what the trainer opened: the engine it built (and its temporary files), the reward
+        runner's loop and thread. Idempotent; train() calls it."""
         if not self.closed:
             self.closed = True
             self._resources.close()
