@@ -87,6 +87,19 @@ CASES = [
     (dict(entropy_gather=3), TypeError, ["entropy_gather", "callable"]),
     (dict(gradient_accumulation_steps=0), ValueError, ["gradient_accumulation_steps", "0"]),
     (dict(gradient_accumulation_steps=2.0), TypeError, ["gradient_accumulation_steps", "int"]),
+    # luspo, vespo and the generic option path
+    (dict(loss_type="luspo"), ValueError, ["importance_sampling_level='token'", "luspo", "'sequence'"]),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), ValueError,
+     ["importance_sampling_level='sequence'", "vespo", "'token'"]),
+    (dict(vespo_k_pos=-0.5), ValueError, ["vespo_k_pos", "-0.5"]),
+    (dict(vespo_k_neg=float("inf")), ValueError, ["vespo_k_neg", "finite"]),
+    (dict(vespo_lambda_pos=0.0), ValueError, ["vespo_lambda_pos", "0.0", "0.0001"]),
+    (dict(vespo_lambda_neg=-1.0), ValueError, ["vespo_lambda_neg", "-1.0"]),
+    (dict(vespo_lambda_neg="2"), TypeError, ["vespo_lambda_neg", "str"]),
+    (dict(loss_type="vespo", importance_weights=torch.ones(B, 1)), ValueError,
+     ["importance_weights", str((B, 1)), "vespo", "(B, T)"]),
+    (dict(vespo_kpos=2.0), TypeError, ["unknown option", "vespo_kpos", "policy_loss"]),
+    (dict(options=dict(loss_type="vespo")), TypeError, ["options", "LossOptions", "dict"]),
 ]
 
 
