@@ -138,6 +138,14 @@ def ref_policy_loss(
     def mmean(x):
         return torch.where(mb, x.double(), torch.zeros_like(m)).sum() / cnt
 
+    has = m.sum(-1) > 0  # the sequences with tokens
+
+    def seq_mean(x):  # x (B, T), the same value at every token of a sequence: its mean over the sequences
+        per_seq = x[:, 0].double() if T else torch.zeros(B, dtype=torch.float64)
+        return per_seq[has].sum() / has.sum().clamp(min=1)
+
+    # TRL: a fraction of a per-sequence event (sequence-level ratio, (B,) advantages) is over sequences
+    frac = seq_mean if (importance_sampling_level == "sequence" and advantages.dim() == 1) else mmean
     if loss_type in ("cispo", "sapo", "vespo"):
         low = hi_c = torch.zeros(B, T, dtype=torch.bool)
     else:
@@ -147,21 +155,16 @@ def ref_policy_loss(
         "logps": logp.detach(),
         "kl": None if kl is None else mmean(kl.detach()),
         "entropy": mmean(ent.detach()),
-        "clip_ratio_low": mmean(low),
-        "clip_ratio_high": mmean(hi_c),
-        "clip_ratio_region": mmean(low | hi_c),
-        "cispo_clip_ratio": mmean((rho > eh) & (A > 0)) if loss_type == "cispo" else None,
+        "clip_ratio_low": frac(low),
+        "clip_ratio_high": frac(hi_c),
+        "clip_ratio_region": frac(low | hi_c),
+        "cispo_clip_ratio": frac((rho > eh) & (A > 0)) if loss_type == "cispo" else None,
         "entropy_masked_frac": mmean(~high) if top_entropy_quantile < 1.0 else None,
         "off_policy_masked_frac": mmean(~keep) if off_policy_mask_threshold is not None else None,
         "entropy_kept": ((ent.detach() * high).sum() / high.sum().clamp(min=1)
                          if top_entropy_quantile < 1.0 else None),
         "vespo_phi_seq_mean": None,
     }
-    if phi is not None:
-        if advantages.dim() == 1:  # one phi per sequence: the mean over the sequences with tokens
-            has = m.sum(-1) > 0
-            per_seq = phi[:, 0] if T else torch.ones(B, dtype=torch.float64)
-            metrics["vespo_phi_seq_mean"] = per_seq[has].sum() / has.sum().clamp(min=1)
-        else:
-            metrics["vespo_phi_seq_mean"] = mmean(phi)
+    if phi is not None:  # one phi per sequence with (B,) advantages
+        metrics["vespo_phi_seq_mean"] = seq_mean(phi) if advantages.dim() == 1 else mmean(phi)
     return loss, metrics

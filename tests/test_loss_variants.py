@@ -379,6 +379,27 @@ def test_luspo_is_gspo_scaled_by_the_length():
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), (got, want)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "luspo"])
+def test_sequence_level_clip_fractions_count_sequences(loss_type):
+    """At the sequence level with (B,) advantages the clip fractions are fractions of the sequences
+    (with tokens), as TRL's: one long clipped sequence is 1 of 3, not its share of the tokens."""
+    from grpo_fast.ops.functional import _policy_loss_from_logps
+
+    B, T = 4, 10
+    logp = torch.full((B, T), -2.0)
+    lens = torch.tensor([10, 2, 3, 0])  # the last sequence has no tokens: not counted
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    old = logp - torch.tensor([0.5, 0.0, -0.5, 0.9])[:, None]  # sequence ratios e^0.5, 1, e^-0.5, e^0.9
+    adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    opt = LossOptions(loss_type=loss_type, importance_sampling_level="sequence")
+    out = _policy_loss_from_logps(logp, torch.zeros_like(logp), adv, mask, old, None, opt)
+    assert abs(out.clip_ratio_high.item() - 1 / 3) < 1e-6  # sequence 0 (A > 0, rho > 1.2)
+    assert abs(out.clip_ratio_low.item() - 1 / 3) < 1e-6   # sequence 2 (A < 0, rho < 0.8)
+    assert abs(out.clip_ratio_region.item() - 2 / 3) < 1e-6
+    per_token = _policy_loss_from_logps(logp, torch.zeros_like(logp), adv[:, None].expand(B, T), mask, old, None, opt)
+    assert abs(per_token.clip_ratio_high.item() - 10 / 15) < 1e-6  # (B, T) advantages: over the tokens
+
+
 # ------------------------------------------------------------------ vespo
 
 def _vespo_case(B=4, T=9, V=40, seed=43):

@@ -125,6 +125,9 @@ CASES = {
     "everything_grpo": dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, delta=1.3, top_entropy_quantile=0.4,
                             off_policy_mask_threshold=0.02, entropy_coef=0.01, _sampling=True),
     "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    # the clip binds for some sequences: TRL's clip fractions at the sequence level are over sequences
+    "luspo_clipped": dict(loss_type="luspo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.001),
+    "gspo_clipped": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.001),
     "luspo_ga2_kl_entropy": dict(loss_type="luspo", importance_sampling_level="sequence", gradient_accumulation_steps=2,
                                  beta=0.04, entropy_coef=0.01),
     "vespo": dict(loss_type="vespo"),
@@ -274,3 +277,6 @@ def test_the_cases_exercise_what_they_name(parts):
     assert 0.5 < q.entropy_masked_frac.item() < 1
     r = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, epsilon_high=0.28, delta=1.2)
     assert r.clip_ratio_region.item() > 0
+    s = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, importance_sampling_level="sequence",
+                              epsilon_low=0.01, epsilon_high=0.001)
+    assert 0 < s.clip_ratio_low.item() < 1 and 0 < s.clip_ratio_high.item() < 1

@@ -23,7 +23,9 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class PolicyLossOutput(NamedTuple):
-    """The loss and its detached diagnostics (scalars are means over the mask)."""
+    """The loss and its detached diagnostics (scalars are means over the mask). As in TRL, a
+    fraction of a per-sequence quantity (the clip fractions at importance_sampling_level="sequence"
+    with (B,) advantages, vespo's phi) is over the sequences, those with tokens, not the tokens."""
 
     loss: Tensor  # scalar, differentiable w.r.t. the logits
     logps: Tensor  # (B, T) float32 log-probabilities of the tokens, detached
@@ -457,37 +459,39 @@ def _policy_loss_from_logps(
 
     with torch.no_grad():
         count = mw.sum().clamp(min=1.0)
-        ratio_d = ratio.detach().expand(B, T)
-        cispo_clip = phi_mean = None
+        has = mw.sum(-1, keepdim=True) > 0  # (B, 1): the sequences with tokens
+        n_seq = has.to(f32).sum().clamp(min=1.0)
+
+        def frac(x: Tensor) -> Tensor:
+            # as TRL: a (B, T) value is averaged over the masked tokens, a (B, 1) one (one per sequence:
+            # a sequence-level ratio with (B,) advantages) over the sequences (here: those with tokens)
+            return _masked_mean(x.to(f32), m, count) if x.shape[1] == T else _masked_mean(x.to(f32), has, n_seq)
+
+        ratio_d = ratio.detach()  # (B, T) or (B, 1)
+        cispo_clip = None
         if lt in _CLIPPED_SURROGATE:
             low = (ratio_d < 1.0 - opt.epsilon_low) & (A < 0)
             high = (ratio_d > 1.0 + opt.eps_high) & (A > 0)
         else:  # no two-sided clip
             low = high = torch.zeros((B, T), dtype=torch.bool, device=logp.device)
             if lt == "cispo":
-                cispo_clip = _masked_mean(((ratio_d > opt.eps_high) & (A > 0)).to(f32), m, count)
-        if phi is not None:
-            if phi.shape[1] == 1:  # one weight per sequence: the mean over the sequences with tokens
-                has = mw.sum(-1, keepdim=True) > 0
-                phi_mean = _masked_mean(phi, has, has.to(f32).sum().clamp(min=1.0))
-            else:  # per-token advantages: a weight per token
-                phi_mean = _masked_mean(phi, m, count)
+                cispo_clip = frac((ratio_d > opt.eps_high) & (A > 0))
         mean_kl = None if kl is None else _masked_mean(kl.detach(), m, count)
         out = PolicyLossOutput(
             loss=loss,
             logps=logp.detach(),
             kl=mean_kl,
             entropy=_masked_mean(entropy.detach(), m, count),
-            clip_ratio_low=_masked_mean(low.to(f32), m, count),
-            clip_ratio_high=_masked_mean(high.to(f32), m, count),
-            clip_ratio_region=_masked_mean((low | high).to(f32), m, count),
+            clip_ratio_low=frac(low),
+            clip_ratio_high=frac(high),
+            clip_ratio_region=frac(low | high),
             cispo_clip_ratio=cispo_clip,
             entropy_masked_frac=None if high_h is None else _masked_mean((~high_h).to(f32), m, count),
             off_policy_masked_frac=(None if keep_seq is None
                                     else _masked_mean((~keep_seq).expand(B, T).to(f32), m, count)),
             entropy_kept=(None if high_h is None else
                           _masked_mean(entropy.detach(), high_h, high_h.to(f32).sum().clamp(min=1.0))),
-            vespo_phi_seq_mean=phi_mean,
+            vespo_phi_seq_mean=None if phi is None else frac(phi),
         )
     return out
 
