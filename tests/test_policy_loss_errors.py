@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import grpo_fast
+from grpo_fast.ops.options import LOSS_TYPES
+from reference import LOSS_TYPE_OPTIONS
 
 B, T, V = 2, 5, 11
 
@@ -185,18 +187,22 @@ def test_float_and_int_masks_of_zeros_and_ones_are_accepted():
         assert torch.equal(out.loss, ref.loss)
 
 
-def test_cuda_checks_need_no_host_sync():
-    """On CUDA the value checks are device-side asserts: no .item() / bool() of a device tensor."""
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_cuda_checks_need_no_host_sync(loss_type):
+    """On CUDA the value checks are device-side asserts, and phase 2 reads nothing back: no .item() /
+    bool() of a device tensor, for every loss type (with the vLLM weights, which vespo folds in)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     kw = {k: v.cuda() for k, v in _inputs().items()}
     kw["mask"] = kw["mask"].float()
+    opts = dict(LOSS_TYPE_OPTIONS[loss_type], loss_type=loss_type)
+    opts["num_items_in_batch"] = torch.tensor(9.0, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = grpo_fast.policy_loss(kw.pop("logits"), kw.pop("token_ids"), kw.pop("advantages"), **kw,
-                                    loss_type="dapo", num_items_in_batch=torch.tensor(9.0, device="cuda"),
-                                    top_entropy_quantile=0.5, off_policy_mask_threshold=0.1)
+        out = grpo_fast.policy_loss(kw.pop("logits"), kw.pop("token_ids"), kw.pop("advantages"), **kw, **opts,
+                                    top_entropy_quantile=0.5, off_policy_mask_threshold=0.1, beta=0.01,
+                                    importance_weights=torch.full((B, T), 0.9, device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss)
