@@ -550,9 +550,21 @@ def test_loss_validation(over, exc, match):
 
 
 def test_every_policy_loss_option_is_accepted():
-    """policy_loss's keyword options (but inplace_grad) all travel in LossOptions, so
-    policy_loss_from_hidden takes them all; fails when an option is added elsewhere only."""
-    params = inspect.signature(grpo_fast.policy_loss).parameters
-    kw_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - {"inplace_grad"}
-    fields = {f.name for f in dataclasses.fields(LossOptions)}
-    assert kw_only <= fields, kw_only - fields
+    """Both entry points take options= and every LossOptions field as a keyword (**option_overrides),
+    with no keyword of their own for a loss option: policy_loss's only other keyword is inplace_grad,
+    the fused head's are the head's."""
+    for fn, own in ((grpo_fast.policy_loss, {"inplace_grad"}),
+                    (grpo_fast.policy_loss_from_hidden, {"bias", "logit_scale", "final_logit_softcapping"})):
+        params = inspect.signature(fn).parameters
+        kw_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert kw_only == own | {"options"}, (fn.__name__, kw_only)
+        assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()), fn.__name__
+    B, T, H, V = 2, 3, 8, 11
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H)
+    ids, adv = torch.randint(0, V, (B, T)), torch.randn(B)
+    defaults = LossOptions()
+    for f in dataclasses.fields(LossOptions):  # each field by name, at its default (valid by definition)
+        for fn, x in ((grpo_fast.policy_loss_from_hidden, (hidden, weight)),
+                      (grpo_fast.policy_loss, (hidden @ weight.T,))):
+            out = fn(*x, ids, adv, **{f.name: getattr(defaults, f.name)})
+            assert torch.isfinite(out.loss), (fn.__name__, f.name)

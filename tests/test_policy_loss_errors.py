@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import grpo_fast
+from grpo_fast.ops.options import LOSS_TYPES
+from reference import LOSS_TYPE_OPTIONS
 
 B, T, V = 2, 5, 11
 
@@ -87,6 +89,19 @@ CASES = [
     (dict(entropy_gather=3), TypeError, ["entropy_gather", "callable"]),
     (dict(gradient_accumulation_steps=0), ValueError, ["gradient_accumulation_steps", "0"]),
     (dict(gradient_accumulation_steps=2.0), TypeError, ["gradient_accumulation_steps", "int"]),
+    # luspo, vespo and the generic option path
+    (dict(loss_type="luspo"), ValueError, ["importance_sampling_level='token'", "luspo", "'sequence'"]),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), ValueError,
+     ["importance_sampling_level='sequence'", "vespo", "'token'"]),
+    (dict(vespo_k_pos=-0.5), ValueError, ["vespo_k_pos", "-0.5"]),
+    (dict(vespo_k_neg=float("inf")), ValueError, ["vespo_k_neg", "finite"]),
+    (dict(vespo_lambda_pos=0.0), ValueError, ["vespo_lambda_pos", "0.0", "0.0001"]),
+    (dict(vespo_lambda_neg=-1.0), ValueError, ["vespo_lambda_neg", "-1.0"]),
+    (dict(vespo_lambda_neg="2"), TypeError, ["vespo_lambda_neg", "str"]),
+    (dict(loss_type="vespo", importance_weights=torch.ones(B, 1)), ValueError,
+     ["importance_weights", str((B, 1)), "vespo", "(B, T)"]),
+    (dict(vespo_kpos=2.0), TypeError, ["unknown option", "vespo_kpos", "policy_loss"]),
+    (dict(options=dict(loss_type="vespo")), TypeError, ["options", "LossOptions", "dict"]),
 ]
 
 
@@ -172,18 +187,22 @@ def test_float_and_int_masks_of_zeros_and_ones_are_accepted():
         assert torch.equal(out.loss, ref.loss)
 
 
-def test_cuda_checks_need_no_host_sync():
-    """On CUDA the value checks are device-side asserts: no .item() / bool() of a device tensor."""
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_cuda_checks_need_no_host_sync(loss_type):
+    """On CUDA the value checks are device-side asserts, and phase 2 reads nothing back: no .item() /
+    bool() of a device tensor, for every loss type (with the vLLM weights, which vespo folds in)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     kw = {k: v.cuda() for k, v in _inputs().items()}
     kw["mask"] = kw["mask"].float()
+    opts = dict(LOSS_TYPE_OPTIONS[loss_type], loss_type=loss_type)
+    opts["num_items_in_batch"] = torch.tensor(9.0, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = grpo_fast.policy_loss(kw.pop("logits"), kw.pop("token_ids"), kw.pop("advantages"), **kw,
-                                    loss_type="dapo", num_items_in_batch=torch.tensor(9.0, device="cuda"),
-                                    top_entropy_quantile=0.5, off_policy_mask_threshold=0.1)
+        out = grpo_fast.policy_loss(kw.pop("logits"), kw.pop("token_ids"), kw.pop("advantages"), **kw, **opts,
+                                    top_entropy_quantile=0.5, off_policy_mask_threshold=0.1, beta=0.01,
+                                    importance_weights=torch.full((B, T), 0.9, device="cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss)

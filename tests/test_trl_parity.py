@@ -8,8 +8,10 @@ parameter, to 1e-4 of the largest gradient.
 
 Every loss type and option that both libraries have is covered: grpo, bnpo, dr_grpo, dapo,
 epsilon_high, delta, GSPO (sequence level), temperature, the k3 KL with and without TRL's bias
-correction, cispo, sapo, top_entropy_quantile, off_policy_mask_threshold, and the entropy bonus
-(also under gradient accumulation).
+correction, cispo, sapo, luspo, vespo (with its own parameters, and with the vLLM importance-sampling
+ratios it folds into its sequence weight), the vLLM importance-sampling correction of the other loss
+types, top_entropy_quantile, off_policy_mask_threshold, and the entropy bonus (also under gradient
+accumulation).
 
 TRL needs its reference model only to compute ref log-probs, which here come with the inputs: the
 trainer is built with beta = 0 (so it loads no model from a hub) and its beta is set afterwards.
@@ -122,7 +124,45 @@ CASES = {
                             entropy_coef=0.01, temperature=0.9, _sampling=True),
     "everything_grpo": dict(loss_type="grpo", beta=0.04, epsilon_high=0.28, delta=1.3, top_entropy_quantile=0.4,
                             off_policy_mask_threshold=0.02, entropy_coef=0.01, _sampling=True),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    # the clip binds for some sequences: TRL's clip fractions at the sequence level are over sequences
+    "luspo_clipped": dict(loss_type="luspo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.001),
+    "gspo_clipped": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.001),
+    "luspo_ga2_kl_entropy": dict(loss_type="luspo", importance_sampling_level="sequence", gradient_accumulation_steps=2,
+                                 beta=0.04, entropy_coef=0.01),
+    "vespo": dict(loss_type="vespo"),
+    "vespo_params": dict(loss_type="vespo", vespo_k_pos=1.2, vespo_lambda_pos=4.0, vespo_k_neg=0.5,
+                         vespo_lambda_neg=0.8, beta=0.04),
+    "vespo_ga2_entropy": dict(loss_type="vespo", gradient_accumulation_steps=2, entropy_coef=0.01),
+    "vespo_is_token_truncate": dict(loss_type="vespo", _is="token_truncate"),
+    "vespo_is_token_mask": dict(loss_type="vespo", _is="token_mask", beta=0.04),
+    # log-ratios where each of TRL's clamps changes phi: a token's past 20, a sum in [-20, log 1e-8)
+    "vespo_clamps": dict(loss_type="vespo", vespo_k_neg=0.1, _log_ratio="clamps"),
+    "everything_vespo": dict(loss_type="vespo", beta=0.04, top_entropy_quantile=0.4, off_policy_mask_threshold=0.02,
+                             entropy_coef=0.01, temperature=0.9, _sampling=True, _is="token_truncate"),
+    # the vLLM importance-sampling correction of the other loss types: the policy term times the ratios
+    "dapo_is_token_mask": dict(loss_type="dapo", _is="token_mask"),
+    "grpo_is_sequence_truncate": dict(loss_type="grpo", beta=0.04, _is="sequence_truncate"),
 }
+
+
+def _clamp_log_ratios():
+    """log(pi / old) per token (B, T) for the vespo_clamps case (LENGTHS = 9, 4, 1, 7, 9, 6)."""
+    lr = torch.zeros(B, T)
+    lr[0, 0], lr[0, 1:9] = 25.0, -19.0 / 8  # clamped to 20 before the sum: 1 (6 without the clamp)
+    lr[1, :4] = -19.5 / 4                   # sum -19.5: floored at log 1e-8 (A < 0: k_neg = 0.1 shows it)
+    lr[3, :7] = 0.1
+    return lr
+
+
+def _is_ratio(mode, logp, mask, noise):
+    """TRL's vllm_importance_sampling_ratio for `mode` (clip range [0.9, 1.1], away from the defaults so
+    that both the cap and, for the mask modes, the zeroing bite): (B, T), or (B, 1) for sequence modes."""
+    diff = (0.1 * noise) * mask  # log(pi_old / pi_sampler), 0 at the padding as in TRL
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(0.9, 1.1)
+    return ratio.masked_fill((ratio < 0.9) | (ratio > 1.1), 0.0)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -131,7 +171,12 @@ def test_loss_and_gradients_match_trl(parts, name):
     on_policy = case.pop("_on_policy", False)
     use_sampling = case.pop("_sampling", False)
     last_world_entropy = case.pop("_last_world_entropy", None)
+    is_mode = case.pop("_is", None)
+    log_ratio = case.pop("_log_ratio", None)
     trainer = _trainer(parts, case)
+    if is_mode is not None:  # as GRPOTrainer(use_vllm=True, vllm_importance_sampling_correction=True) has them
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        trainer.vllm_importance_sampling_mode = is_mode
     if last_world_entropy is not None:
         trainer._last_world_entropy = last_world_entropy
     model = trainer.model
@@ -142,11 +187,14 @@ def test_loss_and_gradients_match_trl(parts, name):
         logp = grpo_fast.selective_log_softmax(_logits(model, parts), parts["completion_ids"], temperature)
     noise = parts["noise"]
     old = None if on_policy else (logp + 0.3 * noise[0]) * mask  # padding holds 0 as TRL's does
+    if log_ratio == "clamps":
+        old = (logp - _clamp_log_ratios()) * mask
     ref = (logp + 0.3 * noise[1]) * mask
     # per-sequence shifts so the off-policy mask drops some negative-advantage sequences, not all
     shift = torch.tensor([0.3, 0.3, -0.2, 0.01, 0.5, 0.2])[:, None]
     sampling = ((logp + shift + 0.05 * noise[2]) * mask) if use_sampling else None
     num_items = mask.sum().float()
+    is_ratio = None if is_mode is None else _is_ratio(is_mode, logp, mask, noise[2])
 
     inputs = dict(prompt_ids=parts["prompt_ids"], prompt_mask=torch.ones_like(parts["prompt_ids"]),
                   completion_ids=parts["completion_ids"], completion_mask=mask,
@@ -157,6 +205,8 @@ def test_loss_and_gradients_match_trl(parts, name):
         inputs["ref_per_token_logps"] = ref
     if sampling is not None:
         inputs["sampling_per_token_logps"] = sampling
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
 
     model.zero_grad(set_to_none=True)
     trl_loss = trainer._compute_loss(model, inputs)
@@ -170,7 +220,7 @@ def test_loss_and_gradients_match_trl(parts, name):
     out = grpo_fast.policy_loss(
         _logits(model, parts), parts["completion_ids"], parts["advantages"], mask, old,
         ref if case.get("beta", 0.0) != 0.0 else None, max_completion_length=T, num_items_in_batch=num_items,
-        sampling_logps=sampling, **ours_kw)
+        sampling_logps=sampling, importance_weights=is_ratio, **ours_kw)
     out.loss.backward()
     our_grads = _grads(model)
 
@@ -196,6 +246,9 @@ def test_loss_and_gradients_match_trl(parts, name):
         assert abs(out.kl.item() - logged["kl"][-1]) <= 1e-5 * max(1.0, abs(logged["kl"][-1]))
     if case["loss_type"] == "cispo":
         assert abs(out.cispo_clip_ratio.item() - logged["cispo_clip_ratio"][-1]) <= 1e-6
+    elif case["loss_type"] == "vespo":
+        theirs = logged["vespo/phi_seq_mean"][-1]
+        assert abs(out.vespo_phi_seq_mean.item() - theirs) <= 1e-5 * max(1.0, theirs), (name, theirs)
     elif case["loss_type"] != "sapo":
         for ours, theirs in (("clip_ratio_low", "clip_ratio/low_mean"), ("clip_ratio_high", "clip_ratio/high_mean"),
                              ("clip_ratio_region", "clip_ratio/region_mean")):
@@ -224,3 +277,6 @@ def test_the_cases_exercise_what_they_name(parts):
     assert 0.5 < q.entropy_masked_frac.item() < 1
     r = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, epsilon_high=0.28, delta=1.2)
     assert r.clip_ratio_region.item() > 0
+    s = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, importance_sampling_level="sequence",
+                              epsilon_low=0.01, epsilon_high=0.001)
+    assert 0 < s.clip_ratio_low.item() < 1 and 0 < s.clip_ratio_high.item() < 1

@@ -9,6 +9,8 @@ Every call is two phases (docs/design.md, "The maths"):
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -21,7 +23,9 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class PolicyLossOutput(NamedTuple):
-    """The loss and its detached diagnostics (scalars are means over the mask)."""
+    """The loss and its detached diagnostics (scalars are means over the mask). As in TRL, a
+    fraction of a per-sequence quantity (the clip fractions at importance_sampling_level="sequence"
+    with (B,) advantages, vespo's phi) is over the sequences, those with tokens, not the tokens."""
 
     loss: Tensor  # scalar, differentiable w.r.t. the logits
     logps: Tensor  # (B, T) float32 log-probabilities of the tokens, detached
@@ -37,6 +41,9 @@ class PolicyLossOutput(NamedTuple):
     # top_entropy_quantile < 1: mean entropy over the tokens kept (those the entropy bonus averages and
     # TRL's adaptive entropy control tracks); `entropy` otherwise
     entropy_kept: Optional[Tensor] = None
+    # vespo: the mean gamma weight phi (TRL's vespo/phi_seq_mean): over the sequences with at least one
+    # masked token for (B,) advantages, over the masked tokens for (B, T) advantages
+    vespo_phi_seq_mean: Optional[Tensor] = None
 
 
 # ---------------------------------------------------------------- validation
@@ -267,6 +274,73 @@ def _entropy_threshold(entropy: Tensor, m: Tensor, q: float, gather=None) -> Ten
     return torch.where(n > 0, torch.where(lo == hi, a, torch.lerp(a, b, frac)), float("inf"))
 
 
+# loss types whose policy term is PPO's clipped surrogate -min(rho A, clip(rho) A); they differ in the reduction
+_CLIPPED_SURROGATE = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_LOG_1E_8 = math.log(1e-8)  # VESPO's floor of a log importance weight
+
+
+def _vespo_weight(log_ratio: Tensor, m: Tensor, A: Tensor, opt: LossOptions) -> Tensor:
+    """VESPO's detached gamma weight phi(w) = w^k e^(lambda (1 - w)), computed in log space, of the
+    sequence ratio w = prod over the masked tokens of pi / old (times the engine / trainer ratios
+    of importance_weights when given). log_ratio: (B, T), 0 at masked-out tokens; A: (B, 1) or
+    (B, T), whose sign picks (k, lambda). Returns (B, 1), or (B, T) for per-token advantages."""
+    with torch.no_grad():
+        log_w = log_ratio.detach().clamp(-20.0, 20.0).sum(-1, keepdim=True)  # (B, 1)
+        if opt.importance_weights is not None:  # (B, T): checked by _resolve_options
+            log_is = torch.log(opt.importance_weights.detach().to(log_w.dtype)).clamp(_LOG_1E_8, 20.0)
+            log_w = log_w + torch.where(m, log_is, 0.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(_LOG_1E_8, 20.0)
+        w = torch.exp(log_w)
+        kp, lp, kn, ln = opt.vespo_k_pos, opt.vespo_lambda_pos, opt.vespo_k_neg, opt.vespo_lambda_neg
+        log_phi = torch.where(A >= 0, lp + kp * log_w - lp * w, ln + kn * log_w - ln * w)
+        return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
+
+
+def _check_advantages_and_logps(advantages, mask, old_logps, ref_logps, ref: Tensor, ref_name: str) -> None:
+    """The (B, T) tensor arguments of policy_loss and policy_loss_from_hidden, against `ref`
+    (the logits or the hidden states)."""
+    if not isinstance(advantages, Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    _check_bt("advantages", advantages, ref, allow_b=True, ref_name=ref_name)
+    _check_mask(mask, ref, ref_name=ref_name)
+    _check_bt("old_logps", old_logps, ref, ref_name=ref_name)
+    _check_bt("ref_logps", ref_logps, ref, ref_name=ref_name)
+
+
+def _resolve_options(fn: str, options: Optional[LossOptions], overrides: dict, ref_logps: Optional[Tensor],
+                     ref: Tensor, ref_name: str) -> LossOptions:
+    """The LossOptions of a policy_loss call: `options` (LossOptions() when None) with the keyword
+    overrides replacing its fields (validated by LossOptions), then the checks that need the
+    call's tensors: the option tensors' shapes against `ref`, and beta's ref_logps."""
+    if options is not None and not isinstance(options, LossOptions):
+        raise TypeError(f"options must be a LossOptions or None, got {type(options).__name__}")
+    unknown = sorted(set(overrides).difference(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{fn} got unknown option(s) {', '.join(unknown)}; the options are the fields of "
+                        f"LossOptions: {', '.join(_OPTION_NAMES)}")
+    if "temperature" in overrides:
+        _check_temperature(overrides["temperature"])
+        overrides = dict(overrides, temperature=float(overrides["temperature"]))
+    if options is None:
+        opt = LossOptions(**overrides)
+    else:
+        opt = dataclasses.replace(options, **overrides) if overrides else options
+    _check_bt("sampling_logps", opt.sampling_logps, ref, ref_name=ref_name)
+    _check_weights(opt.importance_weights, ref)
+    w = opt.importance_weights
+    if opt.loss_type == "vespo" and w is not None and w.shape[1] != ref.shape[1]:
+        raise ValueError(
+            f"importance_weights has shape {_shape(w)}: loss_type='vespo' needs per-token (B, T) weights, which it "
+            "folds into its sequence weight (TRL: vllm_importance_sampling_mode token_truncate or token_mask)"
+        )
+    if opt.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={opt.beta} needs ref_logps (the reference model's log-probs), got None")
+    return opt
+
+
 def _policy_loss_from_logps(
     logp: Tensor,
     entropy: Tensor,
@@ -297,20 +371,28 @@ def _policy_loss_from_logps(
         log_ratio = (log_ratio.sum(-1, keepdim=True) / mw.sum(-1, keepdim=True).clamp(min=1.0))  # (B, 1)
     ratio = torch.exp(log_ratio)  # (B, T) or (B, 1)
     A_m = torch.where(m, A, 0.0) if A.shape[1] == T else A
-    if opt.loss_type == "cispo":
-        # a capped, stop-gradient importance weight times the log-prob: d/dlogp = -min(rho, cap) * A
-        weight = torch.clamp(ratio, max=opt.eps_high).detach()
-        pg = -weight * A_m * torch.where(m, logp, 0.0)  # (B, T)
-    elif opt.loss_type == "sapo":
-        # a soft gate instead of the clip: (4 / tau) * sigmoid(tau * (rho - 1)), slope 1 at rho = 1
-        tau = torch.where(A_m > 0, opt.sapo_temperature_pos, opt.sapo_temperature_neg)
-        pg = -(torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)) * A_m
-    else:
+    phi = None
+    lt = opt.loss_type
+    if lt in _CLIPPED_SURROGATE:
         ratio_clip = torch.clamp(ratio, 1.0 - opt.epsilon_low, 1.0 + opt.eps_high)
         ratio_main = ratio if opt.delta is None else torch.clamp(ratio, max=opt.delta)
         pg = -torch.minimum(ratio_main * A_m, ratio_clip * A_m)  # (B, T) or (B, 1) broadcast below
         if opt.clip_ratio_c is not None:
             pg = torch.where(A_m < 0, torch.minimum(pg, -opt.clip_ratio_c * A_m), pg)
+    elif lt == "cispo":
+        # a capped, stop-gradient importance weight times the log-prob: d/dlogp = -min(rho, cap) * A
+        weight = torch.clamp(ratio, max=opt.eps_high).detach()
+        pg = -weight * A_m * torch.where(m, logp, 0.0)  # (B, T)
+    elif lt == "sapo":
+        # a soft gate instead of the clip: (4 / tau) * sigmoid(tau * (rho - 1)), slope 1 at rho = 1
+        tau = torch.where(A_m > 0, opt.sapo_temperature_pos, opt.sapo_temperature_neg)
+        pg = -(torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)) * A_m
+    elif lt == "vespo":
+        # a stop-gradient gamma weight of the sequence's ratio times the log-prob: d/dlogp = -phi * A
+        phi = _vespo_weight(log_ratio, m, A, opt)  # (B, 1) or (B, T), detached
+        pg = -phi * A_m * torch.where(m, logp, 0.0)  # (B, T)
+    else:  # a loss type in LOSS_TYPES without its policy term here
+        raise NotImplementedError(f"loss_type={lt!r} has no policy term in _policy_loss_from_logps")
     per_token = pg.expand(B, T)
 
     # masks of the policy-gradient term only (the KL term keeps every token, as in TRL)
@@ -330,7 +412,7 @@ def _policy_loss_from_logps(
         thr = _entropy_threshold(entropy, m, 1.0 - opt.top_entropy_quantile, opt.entropy_gather)
         high_h = (entropy.detach() >= thr) & m
         per_token = per_token * high_h
-    if opt.importance_weights is not None:
+    if opt.importance_weights is not None and lt != "vespo":  # vespo: inside phi
         # the engine / trainer mismatch correction (TRL: vllm_importance_sampling_correction)
         per_token = per_token * opt.importance_weights.detach().to(f32)
 
@@ -352,18 +434,22 @@ def _policy_loss_from_logps(
 
     # every loss_type is a per-token weight w; loss = sum(w * l)
     ga = opt.gradient_accumulation_steps
-    if opt.loss_type in ("grpo", "sapo"):
+    if lt in ("grpo", "sapo"):
         w = mw / (mw.sum(-1, keepdim=True).clamp(min=1.0) * (B * ga))
-    elif opt.loss_type == "bnpo":
+    elif lt == "bnpo":
         w = mw / (mw.sum().clamp(min=1.0) * ga)
-    elif opt.loss_type == "dr_grpo":
+    elif lt == "dr_grpo":
         w = mw / (B * opt.max_completion_length * ga)
-    else:  # dapo, cispo: num_items_in_batch already spans the accumulated batch
+    elif lt == "luspo":  # each sequence's sum over its tokens (GSPO's mean times its length), mean over B
+        w = mw / (B * ga)
+    elif lt in ("dapo", "cispo", "vespo"):  # num_items_in_batch already spans the accumulated batch
         n = opt.num_items_in_batch
         if n is None:
             w = mw / mw.sum().clamp(min=1.0)
         else:
             w = mw / (n.to(f32) if isinstance(n, Tensor) else float(n))
+    else:
+        raise NotImplementedError(f"loss_type={lt!r} has no reduction in _policy_loss_from_logps")
     loss = torch.where(m, w * per_token, 0.0).sum()
     eff = m if high_h is None else high_h
     if opt.entropy_coef != 0.0:
@@ -373,30 +459,39 @@ def _policy_loss_from_logps(
 
     with torch.no_grad():
         count = mw.sum().clamp(min=1.0)
-        ratio_d = ratio.detach().expand(B, T)
+        has = mw.sum(-1, keepdim=True) > 0  # (B, 1): the sequences with tokens
+        n_seq = has.to(f32).sum().clamp(min=1.0)
+
+        def frac(x: Tensor) -> Tensor:
+            # as TRL: a (B, T) value is averaged over the masked tokens, a (B, 1) one (one per sequence:
+            # a sequence-level ratio with (B,) advantages) over the sequences (here: those with tokens)
+            return _masked_mean(x.to(f32), m, count) if x.shape[1] == T else _masked_mean(x.to(f32), has, n_seq)
+
+        ratio_d = ratio.detach()  # (B, T) or (B, 1)
         cispo_clip = None
-        if opt.loss_type in ("cispo", "sapo"):  # no two-sided clip
-            low = high = torch.zeros((B, T), dtype=torch.bool, device=logp.device)
-            if opt.loss_type == "cispo":
-                cispo_clip = _masked_mean(((ratio_d > opt.eps_high) & (A > 0)).to(f32), m, count)
-        else:
+        if lt in _CLIPPED_SURROGATE:
             low = (ratio_d < 1.0 - opt.epsilon_low) & (A < 0)
             high = (ratio_d > 1.0 + opt.eps_high) & (A > 0)
+        else:  # no two-sided clip
+            low = high = torch.zeros((B, T), dtype=torch.bool, device=logp.device)
+            if lt == "cispo":
+                cispo_clip = frac((ratio_d > opt.eps_high) & (A > 0))
         mean_kl = None if kl is None else _masked_mean(kl.detach(), m, count)
         out = PolicyLossOutput(
             loss=loss,
             logps=logp.detach(),
             kl=mean_kl,
             entropy=_masked_mean(entropy.detach(), m, count),
-            clip_ratio_low=_masked_mean(low.to(f32), m, count),
-            clip_ratio_high=_masked_mean(high.to(f32), m, count),
-            clip_ratio_region=_masked_mean((low | high).to(f32), m, count),
+            clip_ratio_low=frac(low),
+            clip_ratio_high=frac(high),
+            clip_ratio_region=frac(low | high),
             cispo_clip_ratio=cispo_clip,
             entropy_masked_frac=None if high_h is None else _masked_mean((~high_h).to(f32), m, count),
             off_policy_masked_frac=(None if keep_seq is None
                                     else _masked_mean((~keep_seq).expand(B, T).to(f32), m, count)),
             entropy_kept=(None if high_h is None else
                           _masked_mean(entropy.detach(), high_h, high_h.to(f32).sum().clamp(min=1.0))),
+            vespo_phi_seq_mean=None if phi is None else frac(phi),
         )
     return out
 
@@ -409,30 +504,11 @@ def policy_loss(
     old_logps: Optional[Tensor] = None,
     ref_logps: Optional[Tensor] = None,
     *,
-    loss_type: str = "grpo",
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    clip_ratio_c: Optional[float] = None,
-    importance_sampling_level: str = "token",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
+    options: Optional[LossOptions] = None,
     inplace_grad: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    top_entropy_quantile: float = 1.0,
-    use_bias_correction_kl: bool = True,
-    off_policy_mask_threshold: Optional[float] = None,
-    sampling_logps: Optional[Tensor] = None,
-    entropy_gather=None,
-    gradient_accumulation_steps: int = 1,
-    importance_weights: Optional[Tensor] = None,
+    **option_overrides,
 ) -> PolicyLossOutput:
-    """The GRPO / PPO clipped-surrogate loss (and CISPO, SAPO) straight from the logits.
+    """The GRPO / PPO clipped-surrogate loss (and CISPO, SAPO, LUSPO, VESPO) straight from the logits.
 
     Args:
         logits: (B, T, V) float32 / bfloat16 / float16 for the completion tokens (a strided
@@ -443,35 +519,43 @@ def policy_loss(
         old_logps: (B, T) log-probs under the sampling policy; None means on-policy
             (ratio 1, the gradient of rho * A).
         ref_logps: (B, T) log-probs under the reference model; needed when beta != 0.
-        loss_type: grpo | bnpo | dr_grpo | dapo | cispo | sapo (as in TRL; docs/losses.md).
-        beta, kl_estimator: KL penalty coefficient and estimator k1 | k2 | k3.
-        epsilon_low, epsilon_high, delta, clip_ratio_c: ratio clipping (epsilon_high
-            defaults to epsilon_low; delta caps the unclipped ratio; clip_ratio_c is the
-            dual clip for negative advantages). cispo: the weight is min(rho, epsilon_high).
-        importance_sampling_level: token | sequence (GSPO).
-        entropy_coef: subtracts entropy_coef * (the mean entropy over the masked tokens).
-        temperature: the sampling temperature; logits are divided by it.
-        max_completion_length: the constant normaliser of dr_grpo.
-        num_items_in_batch: dapo / cispo normaliser (number or scalar tensor, > 0); the mask sum if None.
+        options: a LossOptions holding every loss option; None means LossOptions() (its defaults).
         inplace_grad: write the logits gradient into the logits tensor during backward
             (saves a logits-sized buffer; the logits must not be needed afterwards).
-        sapo_temperature_pos, sapo_temperature_neg: sapo's gate temperatures for A > 0 / A <= 0.
-        top_entropy_quantile: the policy term (and the entropy bonus) use only the tokens whose
-            entropy is at or above this quantile-from-the-top of the masked tokens (1.0 = all).
-        use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's default).
-        off_policy_mask_threshold: drop the policy term of sequences with A < 0 whose mean
-            log(pi_sampling / pi) exceeds it (None = off).
-        sampling_logps: (B, T) the sampling engine's log-probs for that mask; old_logps if None.
-        entropy_gather: under torch.distributed, gathers the (B*T,) entropies (NaN = masked) of
-            every rank, so the entropy quantile is over all ranks' tokens, as in TRL.
-        gradient_accumulation_steps: micro-batches whose losses the caller sums for one step.
-        importance_weights: (B, T) or (B, 1) detached weights multiplying the policy-gradient
-            term (TRL's vLLM importance-sampling correction; grpo_fast.rl.rollout_importance_weights).
+        **option_overrides: any LossOptions field by name, replacing the value in `options`
+            (an unknown name is a TypeError naming it). The fields (docs/losses.md):
+
+            loss_type: grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo (as in TRL).
+            beta, kl_estimator: KL penalty coefficient and estimator k1 | k2 | k3.
+            epsilon_low, epsilon_high, delta, clip_ratio_c: ratio clipping (epsilon_high
+                defaults to epsilon_low; delta caps the unclipped ratio; clip_ratio_c is the
+                dual clip for negative advantages). cispo: the weight is min(rho, epsilon_high).
+            importance_sampling_level: token | sequence (GSPO; luspo needs sequence, vespo token).
+            entropy_coef: subtracts entropy_coef * (the mean entropy over the masked tokens).
+            temperature: the sampling temperature; logits are divided by it.
+            max_completion_length: the constant normaliser of dr_grpo.
+            num_items_in_batch: dapo / cispo / vespo normaliser (number or scalar tensor, > 0);
+                the mask sum if None.
+            sapo_temperature_pos, sapo_temperature_neg: sapo's gate temperatures for A > 0 / A <= 0.
+            top_entropy_quantile: the policy term (and the entropy bonus) use only the tokens whose
+                entropy is at or above this quantile-from-the-top of the masked tokens (1.0 = all).
+            use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's default).
+            off_policy_mask_threshold: drop the policy term of sequences with A < 0 whose mean
+                log(pi_sampling / pi) exceeds it (None = off).
+            sampling_logps: (B, T) the sampling engine's log-probs for that mask; old_logps if None.
+            entropy_gather: under torch.distributed, gathers the (B*T,) entropies (NaN = masked) of
+                every rank, so the entropy quantile is over all ranks' tokens, as in TRL.
+            gradient_accumulation_steps: micro-batches whose losses the caller sums for one step.
+            importance_weights: (B, T) or (B, 1) detached weights multiplying the policy-gradient
+                term (TRL's vLLM importance-sampling correction; grpo_fast.rl.rollout_importance_weights);
+                vespo folds (B, T) weights into its sequence weight instead.
+            vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, and any later field:
+                described by their doc (``dataclasses.fields(LossOptions)[i].metadata["doc"]``).
 
     Returns:
         PolicyLossOutput(loss, logps, kl, entropy, clip_ratio_low, clip_ratio_high,
         clip_ratio_region, cispo_clip_ratio, entropy_masked_frac, off_policy_masked_frac,
-        entropy_kept):
+        entropy_kept, vespo_phi_seq_mean):
         ``loss`` is differentiable w.r.t. the logits, the rest detached. Means over zero
         tokens (T == 0, or an all-zero mask) are 0.
 
@@ -485,40 +569,8 @@ def policy_loss(
     """
     _check_logits(logits)
     _check_token_ids(token_ids, logits)
-    _check_temperature(temperature)
-    if not isinstance(advantages, Tensor):
-        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    _check_bt("advantages", advantages, logits, allow_b=True)
-    _check_mask(mask, logits)
-    _check_bt("old_logps", old_logps, logits)
-    _check_bt("ref_logps", ref_logps, logits)
-    _check_bt("sampling_logps", sampling_logps, logits)
-    _check_weights(importance_weights, logits)
-    opt = LossOptions(
-        loss_type=loss_type,
-        beta=beta,
-        kl_estimator=kl_estimator,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        clip_ratio_c=clip_ratio_c,
-        importance_sampling_level=importance_sampling_level,
-        entropy_coef=entropy_coef,
-        temperature=float(temperature),
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-        top_entropy_quantile=top_entropy_quantile,
-        use_bias_correction_kl=use_bias_correction_kl,
-        off_policy_mask_threshold=off_policy_mask_threshold,
-        sampling_logps=sampling_logps,
-        entropy_gather=entropy_gather,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        importance_weights=importance_weights,
-    )
-    if opt.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"beta={opt.beta} needs ref_logps (the reference model's log-probs), got None")
+    _check_advantages_and_logps(advantages, mask, old_logps, ref_logps, logits, "logits")
+    opt = _resolve_options("policy_loss", options, option_overrides, ref_logps, logits, "logits")
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad must be a bool, got {type(inplace_grad).__name__}")
 
@@ -527,7 +579,7 @@ def policy_loss(
         return _policy_loss_from_logps(logp, entropy, advantages, mask, old_logps, ref_logps, opt)
     whole, t_start, t_len = _time_window(logits)
     logp, _, entropy = torch.ops.grpo_fast.token_logprobs(
-        whole, token_ids, float(temperature), True, inplace_grad, t_start, t_len
+        whole, token_ids, float(opt.temperature), True, inplace_grad, t_start, t_len
     )
     if opt.entropy_coef == 0.0:
         entropy = entropy.detach()  # no entropy term in the gradient: the backward skips it

@@ -6,7 +6,7 @@ bias) straight to per-token log-probs and the policy loss, with no (B, T, V) log
                                       final_logit_softcapping=None)
     policy_loss_from_hidden(hidden, weight, token_ids, advantages, mask=None, old_logps=None,
                             ref_logps=None, *, bias=None, logit_scale=1.0,
-                            final_logit_softcapping=None, **policy_loss options)
+                            final_logit_softcapping=None, options=None, **option_overrides)
 
 Phase 1 is the custom op grpo_fast::linear_token_logprobs (_fused_ops.py): tiles of
 tokens × vocabulary with an online logsumexp, the backward recomputing each tile.
@@ -15,7 +15,6 @@ runs: every option of policy_loss (LossOptions) means the same here.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -23,15 +22,12 @@ import torch
 from torch import Tensor
 
 from . import _fused_ops  # noqa: F401  (registers the custom ops)
-from .functional import (PolicyLossOutput, _check_mask, _check_temperature, _check_weights,
-                         _policy_loss_from_logps, _shape)
-from .functional import _check_bt as _functional_check_bt
+from .functional import (PolicyLossOutput, _check_advantages_and_logps, _check_temperature,
+                         _policy_loss_from_logps, _resolve_options, _shape)
 from .functional import _check_token_ids as _functional_check_token_ids
 from .options import LossOptions
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# policy_loss options that travel in LossOptions; temperature is also phase 1's
-_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
 
 
 # ---------------------------------------------------------------- validation
@@ -84,10 +80,6 @@ def _check_token_ids(token_ids, hidden: Tensor, V: int) -> None:
     _functional_check_token_ids(token_ids, hidden, V, ref_name="hidden")
 
 
-def _check_bt(name: str, t, hidden: Tensor, *, allow_b: bool = False, integer_ok: bool = False) -> None:
-    _functional_check_bt(name, t, hidden, allow_b=allow_b, integer_ok=integer_ok, ref_name="hidden")
-
-
 def _check_head_scalars(logit_scale, final_logit_softcapping) -> None:
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
         raise TypeError(f"logit_scale must be a Python number, got {type(logit_scale).__name__}")
@@ -107,26 +99,6 @@ def _check_inputs(hidden, weight, bias, token_ids, logit_scale, final_logit_soft
     _check_head(weight, bias, hidden)
     _check_token_ids(token_ids, hidden, weight.shape[0])
     _check_head_scalars(logit_scale, final_logit_softcapping)
-
-
-def _loss_options(options: dict, ref_logps: Optional[Tensor]) -> LossOptions:
-    """LossOptions from policy_loss's keyword options, checked as policy_loss checks them."""
-    if "inplace_grad" in options:
-        raise TypeError("inplace_grad is an option of the logits path only: the fused head has no logits to "
-                        "write a gradient into")
-    unknown = sorted(set(options) - _OPTION_NAMES)
-    if unknown:
-        raise TypeError(
-            f"policy_loss_from_hidden got unknown option(s) {', '.join(unknown)}; "
-            f"the policy_loss options are {', '.join(sorted(_OPTION_NAMES))}"
-        )
-    options = dict(options)
-    temperature = options.pop("temperature", 1.0)
-    _check_temperature(temperature)
-    opt = LossOptions(temperature=float(temperature), **options)
-    if opt.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"beta={opt.beta} needs ref_logps (the reference model's log-probs), got None")
-    return opt
 
 
 def _phase1(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, with_entropy):
@@ -198,7 +170,8 @@ def policy_loss_from_hidden(
     bias: Optional[Tensor] = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: Optional[float] = None,
-    **options,
+    options: Optional[LossOptions] = None,
+    **option_overrides,
 ) -> PolicyLossOutput:
     """`policy_loss` from the hidden states and the LM head: the same loss and metrics,
     without the (B, T, V) logits.
@@ -208,11 +181,9 @@ def policy_loss_from_hidden(
             `selective_log_softmax_from_hidden` (hidden (B, T, H), weight (V, H), bias (V,)).
         token_ids, advantages, mask, old_logps, ref_logps: as in `policy_loss`
             ((B, T); advantages (B,) or (B, T)).
-        **options: every keyword option of `policy_loss` (loss_type, beta, kl_estimator,
-            epsilon_low, epsilon_high, delta, clip_ratio_c, importance_sampling_level,
-            entropy_coef, temperature, max_completion_length, num_items_in_batch, ... —
-            whatever LossOptions holds) except ``inplace_grad``, which has no logits to
-            act on here.
+        options, **option_overrides: the loss options, as in `policy_loss` (a LossOptions, and
+            any of its fields by name replacing its value), temperature included; not
+            ``inplace_grad``, which has no logits to act on here.
 
     Returns:
         PolicyLossOutput: ``loss`` differentiable w.r.t. hidden, weight and bias; the
@@ -221,18 +192,15 @@ def policy_loss_from_hidden(
     Equivalent plain torch::
 
         logits = (hidden @ weight.T + bias) * logit_scale   # then the soft-cap, if any
-        out = policy_loss(logits, token_ids, advantages, mask, old_logps, ref_logps, **options)
+        out = policy_loss(logits, token_ids, advantages, mask, old_logps, ref_logps, options=options,
+                          **option_overrides)
     """
     _check_inputs(hidden, weight, bias, token_ids, logit_scale, final_logit_softcapping)
-    if not isinstance(advantages, Tensor):
-        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    _check_bt("advantages", advantages, hidden, allow_b=True)
-    _check_mask(mask, hidden, ref_name="hidden")  # the same rules as policy_loss: 0/1 only
-    _check_bt("old_logps", old_logps, hidden)
-    _check_bt("ref_logps", ref_logps, hidden)
-    _check_bt("sampling_logps", options.get("sampling_logps"), hidden)
-    _check_weights(options.get("importance_weights"), hidden)
-    opt = _loss_options(options, ref_logps)
+    _check_advantages_and_logps(advantages, mask, old_logps, ref_logps, hidden, "hidden")  # policy_loss's rules
+    if "inplace_grad" in option_overrides:
+        raise TypeError("inplace_grad is an option of the logits path only: the fused head has no logits to "
+                        "write a gradient into")
+    opt = _resolve_options("policy_loss_from_hidden", options, option_overrides, ref_logps, hidden, "hidden")
 
     logp, _, entropy = _phase1(hidden, weight, bias, token_ids, opt.temperature, logit_scale,
                                final_logit_softcapping, True)

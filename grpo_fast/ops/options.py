@@ -7,9 +7,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("token", "sequence")
+# the importance_sampling_level a loss type is defined at, and why (TRL 1.16 only warns; we refuse the other)
+_REQUIRED_IS_LEVEL = {
+    "luspo": ("sequence", "LUSPO is GSPO's per-sequence loss scaled by the sequence length"),
+    "vespo": ("token", "VESPO forms its own sequence weight from the summed token log-ratios, so 'sequence' would "
+                       "change only the ratio of the KL bias correction"),
+}
+_VESPO_MIN_LAMBDA = 1e-4  # TRL's floor of the gamma weight's decay
+
+
+def option(default, doc: str):
+    """A LossOptions field with a one-line description for users (read by the trainer config)."""
+    return field(default=default, metadata={"doc": doc})
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -50,9 +62,10 @@ class LossOptions:
     """Everything about the loss beyond phase 2's positional (B, T) inputs. Field meanings and
     defaults follow TRL 1.16's GRPOConfig where it has the field (docs/losses.md). Two fields may
     hold tensors: num_items_in_batch (a scalar), sampling_logps (B, T) and importance_weights
-    (B, T) or (B, 1)."""
+    (B, T) or (B, 1). A new field is declared with option(default, doc); policy_loss and
+    policy_loss_from_hidden take every field by name, with no change to their signatures."""
 
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (docs/losses.md)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo (docs/losses.md)
     beta: float = 0.0  # KL coefficient (needs ref_logps when != 0)
     kl_estimator: str = "k3"  # k1 | k2 | k3 estimator of KL(pi || ref)
     epsilon_low: float = 0.2  # lower clip: rho >= 1 - epsilon_low
@@ -74,14 +87,21 @@ class LossOptions:
     sampling_logps: Optional[Any] = field(default=None, compare=False)
     # detached per-token (B, T) or per-sequence (B, 1) weights multiplying the policy-gradient term
     # (after its masks, before the KL term): TRL's vLLM importance-sampling correction of the
-    # rollout-engine / trainer mismatch (grpo_fast.rl.rollout_importance_weights)
+    # rollout-engine / trainer mismatch (grpo_fast.rl.rollout_importance_weights); vespo takes
+    # (B, T) only and folds their logs into its sequence weight instead
     importance_weights: Optional[Any] = field(default=None, compare=False)
     # under torch.distributed: maps this rank's (B*T,) entropies, NaN at masked tokens, to the concatenation
     # of every rank's (NaN allowed), so the top_entropy_quantile threshold is over all ranks, as in TRL
     entropy_gather: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
     # micro-batches per optimiser step whose losses the caller sums: per-micro-batch means (grpo, bnpo,
-    # dr_grpo, sapo, the entropy bonus) are divided by it; dapo / cispo use num_items_in_batch instead
+    # dr_grpo, sapo, luspo, the entropy bonus) are divided by it; dapo / cispo / vespo use num_items_in_batch
     gradient_accumulation_steps: int = 1
+    vespo_k_pos: float = option(2.0, "vespo, A >= 0: the power k of the gamma weight w^k e^(lambda (1 - w)); "
+                                     "larger k down-weights sequences with w < 1 more (>= 0)")
+    vespo_lambda_pos: float = option(3.0, "vespo, A >= 0: the decay lambda of the gamma weight; larger lambda "
+                                          "down-weights sequences with w > 1 more (>= 1e-4)")
+    vespo_k_neg: float = option(3.0, "vespo, A < 0: the power k of the gamma weight (>= 0)")
+    vespo_lambda_neg: float = option(2.0, "vespo, A < 0: the decay lambda of the gamma weight (>= 1e-4)")
 
     def __post_init__(self):
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
@@ -104,6 +124,11 @@ class LossOptions:
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl must be a bool, got {type(self.use_bias_correction_kl).__name__}")
         _check_number("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_none=True)
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            _check_number(name, getattr(self, name), low=0.0)
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            # TRL clamps lambda to >= 1e-4 silently; below that we refuse instead of changing the value
+            _check_number(name, getattr(self, name), low=_VESPO_MIN_LAMBDA)
         if self.entropy_gather is not None and not callable(self.entropy_gather):
             raise TypeError(f"entropy_gather must be callable or None, got {type(self.entropy_gather).__name__}")
         ga = self.gradient_accumulation_steps
@@ -115,6 +140,12 @@ class LossOptions:
             raise ValueError(
                 "loss_type='cispo' needs epsilon_high: the cap of the importance weight, min(rho, epsilon_high) "
                 "(TRL's meaning for cispo; ScaleRL suggests 5.0)"
+            )
+        level, why = _REQUIRED_IS_LEVEL.get(self.loss_type, (self.importance_sampling_level, ""))
+        if self.importance_sampling_level != level:
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r}: loss_type={self.loss_type!r} needs "
+                f"importance_sampling_level={level!r} ({why}; docs/losses.md)"
             )
         if self.loss_type == "dr_grpo":
             if self.max_completion_length is None:
