@@ -164,11 +164,20 @@ def test_use_bias_correction_kl_reaches_the_gradient(parts, tmp_path, corrected)
     assert torch.allclose(got, same, atol=1e-4 * scale, rtol=0)
 
 
-def test_ppo_keeps_the_deepseekmath_kl_term():
-    import inspect
+def test_ppo_keeps_the_deepseekmath_kl_term(parts, tmp_path, monkeypatch):
+    """PPO's loss runs with use_bias_correction_kl=False (the ops default to TRL's ratio-weighted KL)."""
+    from grpo_fast import PPOConfig, PPOTrainer
+    from grpo_fast.model import Policy
 
-    from grpo_fast import ppo
-    assert "use_bias_correction_kl=False" in inspect.getsource(ppo.PPOTrainer)
+    seen = []
+    loss = Policy.loss
+    monkeypatch.setattr(Policy, "loss", lambda self, *a, **k: seen.append(a[5]) or loss(self, *a, **k))
+    cfg = PPOConfig(output_dir=str(tmp_path / "ppo"), max_steps=1, per_device_train_batch_size=8, ppo_epochs=1,
+                    beta=0.1, kl_penalty="loss", max_completion_length=4, save_steps=0, disable_tqdm=True, plot=False,
+                    save_final_model=False, report_to="none")
+    PPOTrainer(copy.deepcopy(parts["model"]), [accuracy_reward], parts["train_dataset"], config=cfg,
+               tokenizer=parts["tokenizer"]).train()
+    assert seen and all(o.use_bias_correction_kl is False and o.beta == pytest.approx(0.1) for o in seen)
 
 
 # ----------------------------------------------------------------------------- adaptive entropy

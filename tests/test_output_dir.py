@@ -58,7 +58,9 @@ def test_second_run_into_the_same_folder_is_refused_and_a_killed_run_leaves_no_l
     finally:
         proc.kill()
         proc.wait()
-    trainer.train()                                              # killed: the OS dropped the lock
+    with pytest.raises(RuntimeError, match="trainer is closed"):   # train() released what it opened
+        trainer.train()
+    make(demo_parts, cfg(out, max_steps=1)).train()              # killed: the OS dropped the lock
     assert steps(out) == [1]
     ckpt.OutputDirLock(str(out)).release()                       # and train() released its own
 

@@ -84,7 +84,7 @@ def test_rejected_step_leaves_parameters_bit_identical(parts, tmp_path):
     trainer = make_trainer(parts, cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     tried = []
-    real_kl = trainer.mean_kl
+    real_kl = trainer.algorithm.mean_kl
 
     def spy(batch):
         out = real_kl(batch)
@@ -92,7 +92,7 @@ def test_rejected_step_leaves_parameters_bit_identical(parts, tmp_path):
             tried.append(float(out))
         return out
 
-    trainer.mean_kl = spy
+    trainer.algorithm.mean_kl = spy
     history = trainer.train()
     h = history[0]
     assert h["step_accepted"] == 0.0 and h["kl"] == 0.0 and h["line_search_steps"] == 4

@@ -63,9 +63,9 @@ def test_value_positions_are_the_states_before_each_token(policy, tok):
         P = batch.prompt_ids.shape[1]
         for i in range(3):
             # unpadded sequence, no masks: the reference forward
-            ids = torch.cat([batch.prompt_ids[i][batch.prompt_mask[i].bool()], batch.completion_ids[i]])
+            ids = torch.cat([batch.prompt_ids[i][batch.prompt_attention[i].bool()], batch.completion_ids[i]])
             h = vm.trunk(input_ids=ids[None]).last_hidden_state[0]            # (L, H)
-            p = int(batch.prompt_mask[i].sum())
+            p = int(batch.prompt_attention[i].sum())
             n = int(batch.completion_attention[i].sum())
             ref = vm.head(h[p - 1:p - 1 + n])
             torch.testing.assert_close(v[i, :n], ref, atol=1e-5, rtol=1e-5)

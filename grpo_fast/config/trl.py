@@ -148,10 +148,6 @@ TRL_REFUSED: Dict[str, Any] = {
     "vllm_group_port": ((51216, None), "server mode syncs weights through a shared safetensors directory, "
                                        "not an NCCL group (docs/vllm.md)"),
     "vllm_tensor_parallel_size": ((1, None), "one engine per rank, tensor parallel 1"),
-    "vespo_k_pos": ((2.0, None), "loss_type=vespo is not supported"),
-    "vespo_lambda_pos": ((3.0, None), "loss_type=vespo is not supported"),
-    "vespo_k_neg": ((3.0, None), "loss_type=vespo is not supported"),
-    "vespo_lambda_neg": ((2.0, None), "loss_type=vespo is not supported"),
     "multi_objective_aggregation": (("sum_then_normalize", None),
                                     "rewards are summed with reward_weights, then normalised"),
     "sync_ref_model": (_OFF, "the reference model is fixed"),

@@ -13,7 +13,6 @@ penalty) goes through the same plumbing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Optional
 
 import torch
@@ -111,8 +110,7 @@ class Policy:
         if features is None:
             features = self.features(module, batch, rows)                      # (n, T, H) or (n, T, V)
         head = self.head_for(module)
-        kw = dict(advantages=advantages, mask=mask, old_logps=old_logps, ref_logps=ref_logps,
-                  **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+        kw = dict(advantages=advantages, mask=mask, old_logps=old_logps, ref_logps=ref_logps, options=options)
         if head is not None:
             return policy_loss_from_hidden(features, token_ids=ids, **head.head_args(module), **kw)
         return policy_loss(features, ids, inplace_grad=True, **kw)
