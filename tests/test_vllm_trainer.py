@@ -100,7 +100,7 @@ def test_grpo_server_mode_two_processes(parts, tmp_path):
                               tokenizer=parts["tokenizer"])
         assert trainer.engine.name == "vllm-server"
         history = trainer.train()
-        trainer.engine.close()
+        assert not os.path.exists(trainer.engine.weights_dir)   # train() closed the client: its folder is gone
     finally:
         server.terminate()
         try:
