@@ -56,8 +56,6 @@ class RolloutEngine:
     """The interface. Subclasses implement generate(); the rest has defaults that hold nothing."""
 
     name = "base"
-    #: True when generate() fills Generation.logprobs
-    returns_logprobs = False
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings) -> Generation:
         """One completion per prompt (N prompts in, N completions out, in order)."""

@@ -36,7 +36,6 @@ class VLLMServerEngine(RolloutEngine):
     """
 
     name = "vllm-server"
-    returns_logprobs = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, server_timeout: float = 240.0,
                  request_timeout: float = 600.0, weights_dir: Optional[str] = None, seed: int = 0,

@@ -29,7 +29,6 @@ class VLLMColocateEngine(RolloutEngine):
     """
 
     name = "vllm-colocate"
-    returns_logprobs = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, options: Optional[VLLMOptions] = None, **overrides):
         self.options = options or VLLMOptions()

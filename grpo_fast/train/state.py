@@ -3,6 +3,7 @@ folder's rules (one run at a time; a folder that holds a run is continued or ove
 mixed). The files themselves are written atomically by train/checkpoint.py."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -194,3 +195,19 @@ class Checkpoints:
                     warnings.warn(f"{e}; trying the next older checkpoint", RuntimeWarning, stacklevel=4)
         raise ckpt.CorruptCheckpointError(f"no checkpoint in {output_dir!r} could be loaded (each is named in a "
                                           "warning above); move them away to start fresh")
+
+    def save_final(self) -> str:
+        """OUTPUT_DIR/final: the policy (merged when PEFT), its tokenizer, and what the algorithm
+        adds (the value model). Collective under torchrun (FSDP2 gathers the full weights); rank 0
+        writes."""
+        path = os.path.join(self.config.output_dir, "final")
+        model = self.policy.model
+        state = ckpt.full_model_state(model) if self.dist.enabled and self.dist.mode == "fsdp2" else None
+        if self.dist.is_main:
+            if state is None and hasattr(model, "merge_and_unload"):
+                model = copy.deepcopy(model).merge_and_unload()
+            with ckpt.quiet_progress():
+                model.save_pretrained(path, safe_serialization=True, **({} if state is None else {"state_dict": state}))
+                self.policy.tokenizer.save_pretrained(path)
+                self.algorithm.export(path)
+        return path

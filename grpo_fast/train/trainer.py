@@ -14,7 +14,6 @@ until the process exits (train/distributed.py says why). Each algorithm file
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -278,18 +277,8 @@ class Trainer:
     def save_final(self) -> str:
         """OUTPUT_DIR/final: the policy (merged when PEFT), its tokenizer, and what the algorithm adds.
         Collective under torchrun (FSDP2 gathers the full weights); rank 0 writes."""
-        path = os.path.join(self.config.output_dir, "final")
-        model, main = self.model, self.dist.is_main
-        state = ckpt.full_model_state(model) if self.dist.enabled and self.dist.mode == "fsdp2" else None
-        if main:
-            if state is None and hasattr(model, "merge_and_unload"):
-                model = copy.deepcopy(model).merge_and_unload()
-            with ckpt.quiet_progress():
-                model.save_pretrained(path, safe_serialization=True, **({} if state is None else {"state_dict": state}))
-                self.tokenizer.save_pretrained(path)
-                self.algorithm.export(path)
-        self.final_dir = path
-        return path
+        self.final_dir = self.checkpoints.save_final()
+        return self.final_dir
 
     def write_plots(self) -> List[str]:
         try:
