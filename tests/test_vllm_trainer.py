@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from grpo_fast import cli, demo
 from grpo_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
