@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
+
 from .engine import Generation, SamplingSettings
 from .vllm_common import _TORCH_SET_NUM_THREADS, generation_from_outputs, sampling_params
 
@@ -95,7 +97,6 @@ class EngineLoop:
         self.steps = 0
         # OpenMP's thread count is per thread: the loop thread takes its creator's (vLLM's CPU
         # attention checks that its metadata and its kernel agree on it)
-        import torch
         self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -149,6 +150,8 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the loop thread
     def _ready(self, job: _Job) -> bool:
+        if job.min_version <= 0:   # any weights will do
+            return True
         return (job.session is None or job.session == self.session) and self.version >= job.min_version
 
     def _has_work(self) -> bool:
