@@ -57,8 +57,11 @@ def worker(args) -> None:
     values = demo.demo_config_defaults()
     values.update(output_dir=tempfile.mkdtemp(prefix="bench_async_"), max_steps=args.steps, eval_strategy="no",
                   save_steps=0, save_final_model=False, plot=False, report_to="none", disable_tqdm=True,
-                  use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=args.port,
                   max_staleness=args.staleness)
+    if args.engine == "server":
+        values.update(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=args.port)
+    elif args.engine == "colocate":
+        values.update(use_vllm=True, vllm_mode="colocate", vllm_kv_cache_gib=0.25)
     stamps = []
     trainer = GRPOTrainer(model, [accuracy_reward], demo.addition_dataset(), config=GRPOConfig(**values),
                           tokenizer=tokenizer, callbacks=[lambda tr, m: stamps.append((time.perf_counter(), m))])
@@ -105,7 +108,9 @@ def warm_up(port: int, prompt_ids) -> None:
 
 
 def run(args, model_dir: str, port: int, staleness: int) -> dict:
-    cmd = ["taskset", "-c", str(args.trainer_cpu), sys.executable, os.path.abspath(__file__), "--worker",
+    # server: the trainer on its own core; in-process engines: the trainer's process gets both cores
+    cpus = str(args.trainer_cpu) if args.engine == "server" else f"{args.server_cpu},{args.trainer_cpu}"
+    cmd = ["taskset", "-c", cpus, sys.executable, os.path.abspath(__file__), "--worker", "--engine", args.engine,
            "--model", model_dir, "--port", str(port), "--steps", str(args.steps), "--staleness", str(staleness)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, cwd=ROOT)
@@ -130,7 +135,7 @@ def summarise(r: dict, warmup: int) -> dict:
             "dropped": sum(x.get("sample/dropped_stale", 0.0) for x in rows)}
 
 
-def plot(results, path: str) -> None:
+def plot(results, path: str, engine: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,7 +152,8 @@ def plot(results, path: str) -> None:
         ax.plot(t, smooth, color=colours[r["staleness"]], alpha=0.9 if i < 2 else 0.4, label=label)
     ax.set_xlabel("wall-clock time (s)")
     ax.set_ylabel("mean reward (10-step moving average)")
-    ax.set_title("GRPO on the built-in task, vLLM server on its own core")
+    ax.set_title("GRPO on the built-in task, " + ("vLLM server on its own core" if engine == "server"
+                                                   else f"{engine} engine, producer thread"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -160,6 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="steps not timed (start-up, first generate)")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--trainer-cpu", type=int, default=1)
+    ap.add_argument("--engine", choices=("server", "colocate", "hf"), default="server",
+                    help="server: a vLLM server process (the measurement); colocate / hf: the engine in the trainer's "
+                         "process, the producer a thread, the process on both cores")
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "async_reward_wallclock.png"))
     ap.add_argument("--json", default=None, help="write every run's rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -188,21 +197,25 @@ def main(argv=None) -> int:
         parts["tokenizer"].save_pretrained(model_dir)
         port = free_port()
         load0 = os.getloadavg()
-        server = start_server(model_dir, port, args.server_cpu, os.path.join(work, "server.log"))
+        server = None
+        if args.engine == "server":
+            server = start_server(model_dir, port, args.server_cpu, os.path.join(work, "server.log"))
         results = []
         try:
             tok = parts["tokenizer"]
-            warm_up(port, [tok(r["prompt"])["input_ids"] for r in demo.addition_dataset()[:16] for _ in range(8)])
+            if server is not None:
+                warm_up(port, [tok(r["prompt"])["input_ids"] for r in demo.addition_dataset()[:16] for _ in range(8)])
             for _ in range(args.repeats):
                 for s in (0, 1):
                     results.append(run(args, model_dir, port, s))
                     print("[bench] " + json.dumps(summarise(results[-1], args.warmup)), file=sys.stderr, flush=True)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            if server is not None:
+                server.terminate()
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
         load1 = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -213,9 +226,11 @@ def main(argv=None) -> int:
     med = {s: {k: statistics.median(x[k] for x in sums if x["staleness"] == s)
                for k in ("steps_per_s", "reward_second_half", "reward_all", "step_time", "trainer_wait", "generation")}
            for s in (0, 1)}
+    where = (f"vLLM server on CPU {args.server_cpu}, trainer on CPU {args.trainer_cpu}" if args.engine == "server"
+             else f"engine {args.engine!r} in the trainer's process (the producer a thread), CPUs {args.server_cpu},"
+                  f"{args.trainer_cpu}")
     print(f"GRPO on the built-in task: {args.steps} steps per run ({args.warmup} not timed), {args.repeats} run(s) "
-          f"per mode alternating; vLLM server on CPU {args.server_cpu}, trainer on CPU {args.trainer_cpu}, one "
-          f"torch thread each. Load average (1, 5, 15 min) before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"per mode alternating; {where}, torch intra-op threads 1. Load average (1, 5, 15 min) before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
           f"after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}.\n")
     print("| mode | steps/s | speed-up | step time (s) | trainer waits for rollouts (s/step) | generation (s/step) "
           "| reward, 2nd half | reward, all steps |")
@@ -232,7 +247,7 @@ def main(argv=None) -> int:
     print("per run: " + "; ".join(f"s={x['staleness']}: {x['steps_per_s']:.2f} steps/s, reward "
                                   f"{x['reward_second_half']:.3f}" for x in sums))
     try:
-        plot(results, args.plot)
+        plot(results, args.plot, args.engine)
         print(f"plot: {args.plot}")
     except ImportError as e:
         print(f"plot skipped ({e})")

@@ -6,6 +6,7 @@ This file is also the torchrun worker: `torchrun ... tests/test_async.py MODE OU
 """
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -177,7 +178,10 @@ def stream_gaps(parts, trained):
 
 
 def test_default_window_never_drops(demo_parts, tmp_path):
-    trainer = trainer_for(demo_parts, config(tmp_path, max_staleness=1, max_steps=6))
+    """The producer one step ahead; TRL's off-policy sequence mask measured against the sampling
+    policy (the copy's log-probs); completion logs name the version."""
+    trainer = trainer_for(demo_parts, config(tmp_path, max_staleness=1, max_steps=6, off_policy_mask_threshold=1e-4,
+                                             log_completions=True))
     assert isinstance(trainer.engine, HFCopyEngine) and type(trainer.batches) is AsyncBatchSource
     seen = record_batches(trainer)
     history = trainer.train()
@@ -187,6 +191,11 @@ def test_default_window_never_drops(demo_parts, tmp_path):
     staleness = [h["sample/staleness_max"] for h in history]
     assert staleness[0] == 0 and max(staleness) == 1
     assert all(((st - 1) - v[m != 0]).max() <= 1 for st, _, v, m in seen)
+    masked = [h["off_policy_masked_frac"] for h in history]
+    assert masked[0] == 0 and max(masked) > 0          # on-policy at step 1: nothing to mask
+    rows = [json.loads(line) for line in open(tmp_path / "completions.jsonl")]
+    assert {r["policy_version"] for r in rows if r["step"] == 1} == {0}
+    assert all(r["step"] - 1 - r["policy_version"] in (0, 1) for r in rows)
     assert not [t for t in threading.enumerate() if t.name == "grpo-fast-producer"]   # close() stopped it
 
 

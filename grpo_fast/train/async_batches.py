@@ -86,15 +86,22 @@ class AsyncBatchSource(BatchSource):
             raise ConfigError(f"max_staleness={self.max_staleness}: engine {engine.name!r} cannot generate while the "
                               "trainer updates the policy (its supports_async is False); use the HF engine, vLLM "
                               "(colocate or server), or an engine that does (rollout/engine.py)")
+        if self.max_staleness > 0 and engine.name != "vllm-server" and dist.is_main:
+            say(f"[grpo_fast] max_staleness={self.max_staleness} with engine {engine.name!r}: the producer is a "
+                "thread of the trainer's process; it overlaps the update only where generation releases the GIL "
+                "(on CPU with small models it measured slower than the synchronous loop; a vLLM server process "
+                "overlaps for real: docs/async.md)")
         self.timeout = float(config.heartbeat_stale_after_s)
         self._cv = threading.Condition()
-        self._ready: "collections.deque[_Round]" = collections.deque()
+        self._ready: "collections.deque[_Round]" = collections.deque()   # generated, in order
+        self._done: Dict[int, _Round] = {}        # generated before an earlier round
         self._current: Optional[_Round] = None    # the round the stream is in (partly taken)
-        self._producing: Optional[Dict[str, Any]] = None   # mark of the round being generated
+        self._marks: Dict[int, Dict[str, Any]] = {}   # every round started and not fully taken
         self._requested = 0        # rounds the trainer has taken or is waiting for
         self._started = 0          # rounds the producer has started
+        self._next = 1             # the next round to queue
         self._last_step = False    # the trainer is on its last step: nothing more to produce
-        self._thread: Optional[threading.Thread] = None
+        self._threads: list = []   # one per round that may be in flight (window, at least 1)
         self._error: Optional[BaseException] = None
         self._closed = False
         self._offset: Optional[int] = None   # trainer version - engine.weights_version
@@ -112,36 +119,42 @@ class AsyncBatchSource(BatchSource):
         return self.version
 
     def _work(self) -> None:
+        """One producer thread: claims the next round, generates it, queues it in round order. With
+        a window of w rounds, w threads keep up to w rounds in flight (an engine that batches
+        concurrent requests, the vLLM server or loop, fills its batches with the next round while
+        the last completions of this one finish)."""
         cfg, dist = self.config, self.dist
         G = cfg.num_generations
         try:
             while True:
                 with self._cv:
                     t0 = time.monotonic()
-                    while not self._closed and (self._started >= self._requested + self.window
-                                                or (self._last_step and self._started >= self._requested)):
+                    while not self._closed and self._error is None and (
+                            self._started >= self._requested + self.window
+                            or (self._last_step and self._started >= self._requested)):
                         self._cv.wait()
                     self._idle_producer += time.monotonic() - t0
-                    if self._closed:
+                    if self._closed or self._error is not None:
                         return
                     self._started += 1
                     index = self._started
-                    mark = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
-                    self._producing = mark
+                    self._marks[index] = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
+                    indices = local_slice(self.sampler.take(cfg.prompts_per_step), dist.rank, dist.world_size)
                     start = self._trainer_version()
-                indices = local_slice(self.sampler.take(cfg.prompts_per_step), dist.rank, dist.world_size)
                 t0 = time.perf_counter()
                 batch = self.producer.produce([self.dataset[i] for i in indices], indices, self.settings, G)
                 seconds = time.perf_counter() - t0
                 batch, oldest = self._versioned(batch, start)
                 with self._cv:
-                    self._ready.append(_Round(index, batch, mark, oldest, seconds))
-                    self._producing = None
+                    self._done[index] = _Round(index, batch, self._marks[index], oldest, seconds)
+                    while self._next in self._done:      # in round order, whatever order they finished in
+                        self._ready.append(self._done.pop(self._next))
+                        self._next += 1
                     self._cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - the trainer raises it (next())
             with self._cv:
-                self._error = e
-                self._producing = None
+                if self._error is None:
+                    self._error = e
                 self._cv.notify_all()
 
     def _versioned(self, batch: Rollout, start: int):
@@ -167,13 +180,15 @@ class AsyncBatchSource(BatchSource):
             self._stats = {"wait": 0.0, "dropped": 0.0, "generation": 0.0,
                            "idle": self._idle_producer, "queue": float(self._queued())}
             self._idle_producer = 0.0
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="grpo-fast-producer", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._work, name="grpo-fast-producer", daemon=True)
+                                 for _ in range(max(1, self.window))]
+                for t in self._threads:
+                    t.start()
 
     def _queued(self) -> int:
         """Samples generated and not yet taken."""
-        n = sum(len(r.batch) for r in self._ready)
+        n = sum(len(r.batch) for r in self._ready) + sum(len(r.batch) for r in self._done.values())
         if self._current is not None:
             n += len(self._current.batch) - self._current.cursor * self._current.batch.group_size
         return n
@@ -226,6 +241,8 @@ class AsyncBatchSource(BatchSource):
                     need = None if need is None else need - 1
             if rnd.cursor >= groups:
                 self._current = None
+                with self._cv:
+                    self._marks.pop(rnd.index, None)
             if rows:
                 whole = before == 0 and len(rows) == len(rnd.batch)
                 parts.append(rnd.batch if whole else rnd.batch.select(rows))
@@ -283,32 +300,33 @@ class AsyncBatchSource(BatchSource):
     def state_dict(self) -> Dict[str, Any]:
         """Where this rank's stream stands: the state before the first round not fully trained."""
         with self._cv:
-            rounds = ([self._current] if self._current is not None else []) + list(self._ready)
-            if rounds:
-                mark, skip = rounds[0].mark, rounds[0].cursor
-            elif self._producing is not None:
-                mark, skip = self._producing, 0
+            if self._marks:
+                first = min(self._marks)
+                mark = self._marks[first]
+                skip = self._current.cursor if self._current is not None and self._current.index == first else 0
             else:
                 mark, skip = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}, self._skip
-            in_flight = len(rounds) + (self._producing is not None)
+            in_flight = len(self._marks)
         return {"sampler": mark["sampler"], "engine": mark["engine"], "skip_groups": int(skip),
                 "rounds_in_flight": int(in_flight), "max_staleness": self.max_staleness,
                 "dropped_total": int(self.dropped_total)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if self._thread is not None:
+        if self._threads:
             raise RuntimeError("AsyncBatchSource.load_state_dict after the producer started")
         self._skip = say_resumed(self.sampler, self.engine, state, self.say if self.dist.is_main else None)
         self.dropped_total = int(state.get("dropped_total", 0))
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop the producer thread (a round in progress ends first: at most one generate call)."""
+        """Stop the producer threads (a round in progress ends first: at most one generate call)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                self.say(f"[grpo_fast] the rollout producer did not stop within {timeout:g} s (a generate call "
-                         "still waiting); it ends with it")
+        threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            self.say(f"[grpo_fast] the rollout producer did not stop within {timeout:g} s (a generate call still "
+                     "waiting); it ends with it")
