@@ -177,6 +177,22 @@ def stream_gaps(parts, trained):
     return last + 1 - len(trained)
 
 
+def test_a_longer_window_drops_what_is_too_old(demo_parts, tmp_path):
+    """max_inflight_tasks of three steps: three producer threads run up to three rounds ahead, so
+    rounds come too old and are dropped; what trains is never older than the bound, every step is
+    full, and the dropped groups are the stream's only gaps."""
+    cfg = config(tmp_path, max_staleness=1, max_steps=6, max_inflight_tasks=3 * 64)
+    trainer = trainer_for(demo_parts, cfg)
+    seen = record_batches(trainer)
+    history = trainer.train()
+    assert len(trainer.batches._threads) == 0   # closed: the three threads have ended
+    for step, prompts, versions, sampled in seen:
+        assert len(prompts) == 8 and ((step - 1) - versions[sampled != 0]).max() <= 1
+    dropped = sum(h["sample/dropped_stale"] for h in history)
+    assert dropped > 0 and stream_gaps(demo_parts, [p for _, ps, _, _ in seen for p in ps]) * 8 == dropped
+    assert not [t for t in threading.enumerate() if t.name == "grpo-fast-producer"]
+
+
 def test_default_window_never_drops(demo_parts, tmp_path):
     """The producer one step ahead; TRL's off-policy sequence mask measured against the sampling
     policy (the copy's log-probs); completion logs name the version."""

@@ -177,8 +177,8 @@ class AsyncBatchSource(BatchSource):
                 self._offset = (step - 1) - self.engine.weights_version
             self.version = step - 1
             self._last_step = step >= self.config.max_steps
-            self._stats = {"wait": 0.0, "dropped": 0.0, "generation": 0.0,
-                           "idle": self._idle_producer, "queue": float(self._queued())}
+            self._stats = {"wait": 0.0, "dropped": 0.0, "generation": 0.0, "queue": float(self._queued()),
+                           "idle": self._idle_producer / max(1, len(self._threads))}   # per producer thread
             self._idle_producer = 0.0
             if not self._threads:
                 self._threads = [threading.Thread(target=self._work, name="grpo-fast-producer", daemon=True)
