@@ -9,8 +9,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from grpo_fast.rollout import HFCopyEngine, RolloutEngine
 from grpo_fast.train.async_batches import AsyncBatchSource, ProducerError
 from grpo_fast.train.batches import BatchSource
 from grpo_fast.train.data import PromptSampler
+from test_distributed import free_port, launch   # torchrun on 127.0.0.1, killed on timeout
 
 HERE = os.path.abspath(__file__)
 TIMING = ("step_time", "tokens_per_s", "generation_time", "sample/", "perf/", "rollout/")
@@ -317,12 +316,6 @@ def test_vllm_versions_and_logprobs_per_token(vllm_parts, tmp_path):
 
 
 # ----------------------------------------------------------------------------- a vLLM server process
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, model_dir, log_path, port=None):
         self.port = port or free_port()
@@ -354,24 +347,6 @@ def policy_dir(vllm_parts, tmp_path_factory):
 def server_config(out, port, **kw):
     return config(out, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port,
                   vllm_server_timeout=180.0, **kw)
-
-
-def launch(args, timeout=300):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + args
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {timeout}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
-    return output
 
 
 def worker(out, port):
