@@ -22,6 +22,7 @@ token (`Generation.policy_versions`, counted in `weights_version`: its number of
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from dataclasses import dataclass
@@ -193,8 +194,9 @@ class HFCopyEngine(HFEngine):
     the trainer updates the policy (max_staleness > 0).
 
     sync_weights copies the policy's weights into a staging buffer and returns at once; the next
-    generate call copies them into the copy it samples from, so a call in progress finishes with the
-    weights it started with (weights reach the producer between requests, never mid-request). Each
+    generate call that starts while no other runs copies them into the copy it samples from, so a
+    call in progress finishes with the weights it started with (weights reach the producer between
+    requests, never mid-request; concurrent calls, evaluation beside the producer, are safe). Each
     completion reports the version it was sampled with, and the log-probs of its tokens (the
     behaviour policy of the importance-sampling correction). Memory: two more copies of the weights
     (the sampling copy and the staging buffer). Sampling draws from the process's global generator,
@@ -208,24 +210,37 @@ class HFCopyEngine(HFEngine):
         super().__init__(twin, return_logprobs=True, **kw)
         self._weights = twin.state_dict()                                  # live tensors of the copy
         self._staging = {k: v.detach().clone() for k, v in self._weights.items()}
-        self._lock = threading.Lock()
+        self._cv = threading.Condition()
         self._applied = 0
+        self._active = 0   # generate calls in progress: the copy's weights change only when there are none
+        # CUDA: generate on a stream of its own, so its kernels can run beside the trainer's
+        self._stream = torch.cuda.Stream(self.device) if torch.device(self.device).type == "cuda" else None
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         state = model.state_dict()   # the policy as the trainer holds it (no DDP wrapper)
-        with torch.no_grad(), self._lock:
+        with torch.no_grad(), self._cv:
             for k, buf in self._staging.items():
                 buf.copy_(state[k])
+            if self._stream is not None:   # the staging copy is complete before a producer reads it
+                torch.cuda.current_stream(self.device).synchronize()
             self.weights_version += 1
 
     def generate(self, prompt_ids, settings: SamplingSettings) -> Generation:
-        with torch.no_grad(), self._lock:
-            if self._applied != self.weights_version:
-                for k, t in self._weights.items():
-                    t.copy_(self._staging[k])
-                self._applied = self.weights_version
-            version = self._applied
-        gen = super().generate(prompt_ids, settings)
+        with contextlib.ExitStack() as scope:
+            if self._stream is not None:
+                scope.enter_context(torch.cuda.stream(self._stream))
+            with torch.no_grad(), self._cv:
+                if self._applied != self.weights_version and self._active == 0:
+                    for k, t in self._weights.items():
+                        t.copy_(self._staging[k])
+                    self._applied = self.weights_version
+                version = self._applied
+                self._active += 1
+            try:
+                gen = super().generate(prompt_ids, settings)
+            finally:
+                with self._cv:
+                    self._active -= 1
         gen.policy_versions = [[version] * len(row) for row in gen.completion_ids]
         return gen
 
