@@ -2,7 +2,7 @@
 
     batch_source(...)    BatchSource when max_staleness is 0 (the synchronous loop, unchanged),
                          AsyncBatchSource otherwise; the trainer calls next(step) on either
-    AsyncBatchSource     BatchSource's next(step), fed by a producer running in a background thread
+    AsyncBatchSource     BatchSource's next(step), fed by producer threads (one per round in flight)
 
 Versions. The trainer's weights after k steps are version k; step k trains with version k - 1 and
 then syncs version k into the engine. Every sampled token carries the version that sampled it
@@ -14,11 +14,12 @@ oldest of its tokens' (an engine that loads new weights mid-request samples the 
 The bound. Step k trains a sample of version v only if (k - 1) - v <= max_staleness. The producer
 works in rounds, one step's prompts each (every rank its own share, as in the synchronous loop);
 it starts round r only while r <= (rounds the trainer has taken or waits for) + window, window =
-max_staleness rounds (max_inflight_tasks completions, in whole steps, when set). With the default
-window and one round per step no sample can be too old; groups older than the bound (a longer
-window, an engine that loads weights late) are dropped whole, counted, and replaced by the next
-groups of the stream. max_staleness 0 with this class is the synchronous loop through a thread:
-the producer starts a round only when the trainer asks for it.
+max_staleness rounds (max_inflight_tasks completions, in whole steps, when set), and up to window
+rounds are generated at once. With the default window, one round per step and nothing dropped no
+sample can be too old; groups older than the bound (a longer window, an engine that loads weights
+late, a round split over two steps after a drop) are dropped whole, counted, and replaced by the
+next groups of the stream. max_staleness 0 with this class is the synchronous loop through a
+thread: the producer starts a round only when the trainer asks for it.
 
 The rounds are scored by the trainer's thread when a step takes them (reward functions see the
 step that trains on them, and never run beside the update); dynamic sampling takes rounds from
@@ -72,7 +73,7 @@ class _Round:
 
 
 class AsyncBatchSource(BatchSource):
-    """next(step) as BatchSource, fed by a producer thread that runs up to `window` rounds ahead."""
+    """next(step) as BatchSource, fed by producer threads that run up to `window` rounds ahead."""
 
     def __init__(self, producer, rewards, sampler, dataset, config, dist, engine, say=print):
         super().__init__(producer, rewards, sampler, dataset, config, dist, engine)
