@@ -325,6 +325,19 @@ class Server:
                                       "--kv-cache-gib", "0.25", "--num-threads", "1"],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
+    def wait_up(self, timeout=300):
+        """Until /health answers (the port is bound: nothing else can take it any more)."""
+        import urllib.request
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the vLLM server exited ({self.proc.returncode}): see {self.log.name}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"the vLLM server did not answer within {timeout} s: see {self.log.name}")
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -371,7 +384,7 @@ def worker(out, port):
 
 
 def test_two_ranks_one_server(policy_dir, tmp_path):
-    server = Server(policy_dir, tmp_path / "server.log")
+    server = Server(policy_dir, tmp_path / "server.log").wait_up()   # bound before torchrun picks a port
     try:
         launch([HERE, "worker", str(tmp_path), str(server.port)])
     finally:
