@@ -96,6 +96,9 @@ def test_config_and_engine_checks(demo_parts, tmp_path):
         config(tmp_path, max_staleness=-1)
     with pytest.raises(ConfigError, match="max_inflight_tasks"):
         config(tmp_path, max_staleness=1, max_inflight_tasks=8)
+    from grpo_fast import TRPOConfig
+    with pytest.raises(ConfigError, match="TRPO's surrogate"):   # no correction for older policies
+        TRPOConfig(output_dir=str(tmp_path), max_staleness=1)
 
     class Plain(RolloutEngine):   # generates nothing: refused before that matters
         name = "plain"
