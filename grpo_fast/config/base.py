@@ -145,6 +145,15 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """Lower bound of the IS ratio (truncate: clamp; mask: zero below); None: none."""
     vllm_importance_sampling_clip_max: Optional[float] = 3.0
     """Upper bound of the IS ratio (truncate: clamp; mask: zero above); None: none."""
+    # --- asynchronous rollouts: generate while the trainer updates (TRL AsyncGRPOConfig names; docs/async.md)
+    max_staleness: int = 0
+    """0: the synchronous loop (generate, then train). s > 0: the producer generates the next steps' rollouts while the trainer updates; a sample generated with the weights of step j trains at step j + s at the latest, older ones are dropped and counted."""
+    max_inflight_tasks: int = -1
+    """max_staleness > 0: completions the producer may generate ahead of the trainer, in whole steps' worth (-1: max_staleness x completions per step; more are generated too early and dropped as stale)."""
+    heartbeat_stale_after_s: float = 300.0
+    """max_staleness > 0: seconds the trainer waits for the producer's next rollout before it treats the producer as hung and stops with an error."""
+    request_timeout: float = 600.0
+    """Server mode: seconds one HTTP request to the vLLM server may take before it fails with an error."""
     # --- logging and checkpoints
     output_dir: str = "runs/grpo"
     """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
@@ -255,6 +264,14 @@ class RLConfig(metaclass=_AcceptsTRLNames):
             raise ConfigError(f"vllm_server_port={self.vllm_server_port!r}: must be a port number (1-65535)")
         if not self.vllm_server_timeout > 0:
             raise ConfigError(f"vllm_server_timeout={self.vllm_server_timeout!r}: must be > 0")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness={self.max_staleness!r}: must be >= 0 (0: the synchronous loop)")
+        if self.max_inflight_tasks != -1 and self.max_inflight_tasks < self.completions_per_step:
+            raise ConfigError(f"max_inflight_tasks={self.max_inflight_tasks!r}: must be -1 (max_staleness x "
+                              f"completions per step) or at least one step's completions ({self.completions_per_step})")
+        for name in ("heartbeat_stale_after_s", "request_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0")
         if self.dynamic_sampling and self.num_generations < 2:
             raise ConfigError(f"dynamic_sampling=True keeps groups whose rewards differ: num_generations="
                               f"{self.num_generations} must be >= 2")

@@ -47,6 +47,9 @@ class TRPOConfig(CriticConfig, RLConfig):
     def validate(self) -> None:
         super().validate()
         self.validate_critic()
+        if self.max_staleness > 0:
+            raise ConfigError(f"max_staleness={self.max_staleness}: TRPO's surrogate and KL constraint take the "
+                              "rollout as sampled by the current policy (no correction for older ones); use 0")
         if self.num_generations < 1:
             raise ConfigError(f"num_generations={self.num_generations}: must be >= 1")
         if self.advantage_estimator == "group" and self.num_generations < 2:

@@ -8,6 +8,7 @@ environment output, in a multi-turn rollout). Per token after the prompt:
     completion_attention   1 on every real token, 0 on padding (the attention / padding layout)
     sampled_mask           1 where the policy sampled the token
     sampling_logps         the engine's log-prob where the policy sampled it, NaN elsewhere
+    policy_versions        the weights version that sampled the token, -1 elsewhere (asynchronous rollouts)
     loss_mask              1 on the sampled tokens the loss trains on (set once rewards are known)
 
 and per sample: the prompt and completion (text or messages), the dataset row, its columns, the
@@ -46,6 +47,7 @@ class Sample:
     completion_ids: List[int]                 # every token after the prompt, in order
     sampled: List[int]                        # 1 where the policy sampled the token
     logprobs: Optional[List[float]] = None    # the engine's log-prob per completion token, NaN where not sampled
+    policy_versions: Optional[List[int]] = None  # the weights version per completion token, -1 where not sampled
     finish_reason: str = "stop"               # "stop" | "length" (the last engine call's)
     completion: Any = None                    # the decoded completion: text, or the messages after the prompt
 
@@ -68,6 +70,7 @@ class Rollout:
     group_size: int = 1                # every group has this many samples, consecutive
     completion_ids_list: Optional[List[List[int]]] = None  # (N,) each sample's tokens after the prompt
     sampling_logps: Optional[torch.Tensor] = None     # (N, T) float32 engine log-probs, NaN where not sampled
+    policy_versions: Optional[torch.Tensor] = None    # (N, T) long weights version per sampled token, -1 elsewhere
     rewards: Optional[torch.Tensor] = None            # (N,) float32, NaN = no reward
     rewards_per_func: Optional[torch.Tensor] = None   # (N, F)
     loss_mask: Optional[torch.Tensor] = None          # (N, T) sampled_mask of the samples that train
@@ -155,20 +158,25 @@ def collate(samples: Sequence[Sample], *, prompts: List[Any], dataset_index: Lis
     logps = None
     if samples and all(s.logprobs is not None for s in samples):
         logps = right_pad([s.logprobs for s in samples], math.nan, dtype=torch.float32, device=device, width=T)
+    versions = None
+    if samples and all(s.policy_versions is not None for s in samples):
+        versions = right_pad([s.policy_versions for s in samples], -1, device=device, width=T)
     N = len(samples)
     group_ids = first_group_id + torch.arange(N, device=device) // group_size
     return Rollout(prompts=prompts, completions=[s.completion for s in samples], dataset_index=dataset_index,
                    columns=columns, prompt_ids=p_ids, prompt_attention=p_attn, completion_ids=c_ids,
                    completion_attention=attention, sampled_mask=sampled,
                    finish_reasons=[s.finish_reason for s in samples], group_ids=group_ids, group_size=group_size,
-                   completion_ids_list=ids_list, sampling_logps=logps)
+                   completion_ids_list=ids_list, sampling_logps=logps, policy_versions=versions)
 
 
 # how each (N, W) tensor field is padded to a common width when rollouts are concatenated:
-# prompts on the left (left-padded), completions on the right; log-probs with NaN (not sampled)
+# prompts on the left (left-padded), completions on the right; log-probs with NaN and versions
+# with -1 (not sampled)
 _LEFT = {"prompt_ids", "prompt_attention"}
 _PAD_ID = {"prompt_ids", "completion_ids"}
 _NAN = {"sampling_logps"}
+_MINUS_ONE = {"policy_versions"}
 
 
 def concat_rollouts(parts: List[Rollout], pad_token_id: int) -> Rollout:
@@ -204,7 +212,8 @@ def concat_rollouts(parts: List[Rollout], pad_token_id: int) -> Rollout:
         if isinstance(vals[0], torch.Tensor):
             if vals[0].dim() >= 2:
                 width = max(v.shape[1] for v in vals)
-                fill = pad_token_id if f.name in _PAD_ID else (math.nan if f.name in _NAN else 0)
+                fill = pad_token_id if f.name in _PAD_ID else (math.nan if f.name in _NAN else
+                                                               -1 if f.name in _MINUS_ONE else 0)
                 padded = []
                 for v in vals:
                     extra = v.new_full((v.shape[0], width - v.shape[1]) + tuple(v.shape[2:]), fill)

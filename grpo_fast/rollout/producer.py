@@ -49,6 +49,7 @@ class SingleTurnProducer(Producer):
         for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, gen.completion_ids)):
             samples.append(Sample(prompt_ids=p_ids, completion_ids=list(c_ids), sampled=[1] * len(c_ids),
                                   logprobs=None if gen.logprobs is None else list(gen.logprobs[i]),
+                                  policy_versions=None if gen.policy_versions is None else list(gen.policy_versions[i]),
                                   finish_reason=gen.finish_reasons[i],
                                   completion=self.template.completion(prompts[i], texts[i])))
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}

@@ -12,13 +12,14 @@ this package. With `engine` unset the name follows TRL's fields: use_vllm and vl
 from __future__ import annotations
 
 import importlib
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
 import torch
 
 from ..config import ConfigError
-from .engine import HFEngine, RolloutEngine
+from .engine import HFCopyEngine, HFEngine, RolloutEngine
 from .vllm_client import VLLMServerEngine
 from .vllm_colocate import VLLMColocateEngine
 from .vllm_common import VLLMOptions
@@ -90,10 +91,21 @@ def build_engine(spec: EngineSpec) -> RolloutEngine:
     return engine
 
 
+def _asynchronous(spec: EngineSpec) -> bool:
+    """The producer will generate beside the trainer (max_staleness > 0: train/async_batches.py)."""
+    return getattr(spec.config, "max_staleness", 0) > 0
+
+
 @register_engine("hf")
 def _hf(spec: EngineSpec) -> RolloutEngine:
-    return HFEngine(spec.model, eos_token_id=spec.tokenizer.eos_token_id, pad_token_id=spec.tokenizer.pad_token_id,
-                    device=spec.device, synced_gpus=spec.world_size > 1 and spec.fsdp2, tokenizer=spec.tokenizer)
+    kw = dict(eos_token_id=spec.tokenizer.eos_token_id, pad_token_id=spec.tokenizer.pad_token_id, device=spec.device,
+              tokenizer=spec.tokenizer)
+    if _asynchronous(spec):
+        if spec.world_size > 1 and spec.fsdp2:
+            raise ConfigError("max_staleness > 0 with the HF engine and distributed=fsdp2 is not supported (the "
+                              "producer samples from a full copy of the policy); use distributed=ddp")
+        return HFCopyEngine(spec.model, **kw)
+    return HFEngine(spec.model, synced_gpus=spec.world_size > 1 and spec.fsdp2, **kw)
 
 
 def _no_fsdp2(spec: EngineSpec) -> None:
@@ -112,15 +124,30 @@ def _vllm_colocate(spec: EngineSpec) -> RolloutEngine:
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gib=cfg.vllm_kv_cache_gib,
                           enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=spec.seed,
                           max_num_seqs=max(cfg.completions_per_step, 1))
-    return VLLMColocateEngine(spec.model, spec.tokenizer, options)
+    if _asynchronous(spec) and cfg.vllm_enable_sleep_mode:
+        raise ConfigError("vllm_enable_sleep_mode frees vLLM's memory while the trainer updates: with max_staleness "
+                          "> 0 the engine generates then; set one of them")
+    return VLLMColocateEngine(spec.model, spec.tokenizer, options, concurrent=_asynchronous(spec))
+
+
+def _run_session(spec: EngineSpec) -> str:
+    """A label every rank of this run shares (rank 0's, broadcast): the server's weights are this
+    run's only once rank 0 has uploaded them under it."""
+    session = [uuid.uuid4().hex]
+    if spec.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(session, src=0)
+    return session[0]
 
 
 @register_engine("vllm-server")
 def _vllm_server(spec: EngineSpec) -> RolloutEngine:
     _no_fsdp2(spec)
     cfg = spec.config
+    weights_bytes = sum(t.numel() * t.element_size() for t in spec.model.state_dict().values())
     engine = VLLMServerEngine(cfg.vllm_server_host, cfg.vllm_server_port, base_url=cfg.vllm_server_base_url,
-                              server_timeout=cfg.vllm_server_timeout, seed=spec.seed)
+                              server_timeout=cfg.vllm_server_timeout, request_timeout=cfg.request_timeout,
+                              seed=spec.seed, rank=spec.rank, session=_run_session(spec),
+                              weights_bytes=weights_bytes)
     try:
         engine.sync_weights(spec.model)  # the server may have started from other weights
     except BaseException:

@@ -13,6 +13,7 @@ import torch
 from .engine import Generation, RolloutEngine, SamplingSettings
 from .vllm_common import (VLLMOptions, build_llm, draw_seeds, is_cpu_platform, policy_weights, run_generate,
                           save_policy, torch_threads)
+from .vllm_loop import EngineLoop
 
 __all__ = ["VLLMColocateEngine"]
 
@@ -26,11 +27,18 @@ class VLLMColocateEngine(RolloutEngine):
     cached blocks of the old weights would otherwise be reused. Sampling is reproducible: each
     call draws one seed per request from a generator seeded with `options.seed` (or from `seed=`).
     Under torchrun every rank builds its own engine (tensor parallel 1).
+
+    concurrent=True (asynchronous rollouts): one thread drives the engine (rollout/vllm_loop.py), so a
+    producer thread generates while the trainer's thread syncs weights: sync_weights hands the
+    weights to that thread, which loads them between two engine steps (the requests in flight go on,
+    recomputed with them) and returns once they are in; every token reports the version that
+    sampled it.
     """
 
     name = "vllm-colocate"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, options: Optional[VLLMOptions] = None, **overrides):
+    def __init__(self, model: torch.nn.Module, tokenizer, options: Optional[VLLMOptions] = None, *,
+                 concurrent: bool = False, **overrides):
         self.options = options or VLLMOptions()
         if overrides:
             self.options = VLLMOptions(**{**self.options.as_dict(), **overrides})
@@ -51,10 +59,19 @@ class VLLMColocateEngine(RolloutEngine):
         self._gen = torch.Generator().manual_seed(int(self.options.seed))
         self._asleep = False
         self.last_sync_seconds = 0.0
+        self.loop = None
+        if concurrent:
+            if self.options.enable_sleep_mode:
+                raise ValueError("vLLM's sleep mode frees the engine during the update: it cannot generate beside "
+                                 "the trainer (concurrent=True)")
+            self.loop = EngineLoop(self.llm)
+            self.supports_async = True
 
     def generate(self, prompt_ids, settings: SamplingSettings, *, seed: Optional[int] = None) -> Generation:
         gen = self._gen if seed is None else torch.Generator().manual_seed(int(seed))
         seeds = draw_seeds(gen, len(prompt_ids))
+        if self.loop is not None:
+            return self.loop.generate(prompt_ids, settings, seeds)
         self._wake()
         with torch_threads(self.options.num_threads):
             out = run_generate(self.llm, prompt_ids, settings, seeds)
@@ -77,6 +94,13 @@ class VLLMColocateEngine(RolloutEngine):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
+        if self.loop is not None:
+            weights = policy_weights(model)   # live tensors: read while this thread waits below
+            self.loop.call(lambda llm: llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}),
+                           version=self.weights_version + 1)
+            self.weights_version += 1
+            self.last_sync_seconds = time.perf_counter() - t0
+            return
         self._wake()
         with torch.no_grad():
             weights = policy_weights(model)
@@ -85,6 +109,9 @@ class VLLMColocateEngine(RolloutEngine):
         self.last_sync_seconds = time.perf_counter() - t0
 
     def close(self) -> None:
+        loop, self.loop = getattr(self, "loop", None), None
+        if loop is not None:
+            loop.close()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             with contextlib.suppress(Exception):

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from ..model.policy import is_peft
 from .engine import Generation, SamplingSettings
 
-__all__ = ["VLLMOptions", "build_llm", "draw_seeds", "import_vllm", "policy_state_dict", "policy_weights",
+__all__ = ["VLLMOptions", "build_llm", "draw_seeds", "generation_from_outputs", "import_vllm", "policy_state_dict", "policy_weights",
            "is_cpu_platform", "run_generate", "sampling_params", "torch_threads", "save_policy", "settings_from_json", "settings_to_json",
            "write_safetensors"]
 
@@ -312,8 +312,14 @@ def run_generate(llm, prompt_ids: Sequence[Sequence[int]], settings: SamplingSet
 
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
     outs = llm.generate(prompts, sampling_params(settings, seeds), use_tqdm=False)
-    ids, reasons, logps, why = [], [], [], []
-    for out in outs:                       # vLLM returns outputs in prompt order
+    return generation_from_outputs(outs)       # vLLM returns outputs in prompt order
+
+
+def generation_from_outputs(outs, versions: bool = False) -> Generation:
+    """A Generation of finished vLLM RequestOutputs (in prompt order); with `versions`, the weights
+    version of every token from vLLM's weight_versions spans (labels set with set_weight_version)."""
+    ids, reasons, logps, why, vers = [], [], [], [], []
+    for out in outs:
         c = out.outputs[0]
         toks = list(c.token_ids)           # a completion stopped by EOS / a stop token ends with it
         ids.append(toks)
@@ -322,7 +328,15 @@ def run_generate(llm, prompt_ids: Sequence[Sequence[int]], settings: SamplingSet
         if c.logprobs is None or len(c.logprobs) != len(toks):
             raise RuntimeError("vLLM returned no per-token log-probs (logprobs=0 was requested)")
         logps.append([float(step[t].logprob) for step, t in zip(c.logprobs, toks)])
-    return Generation(completion_ids=ids, finish_reasons=reasons, logprobs=logps, stop_reasons=why)
+        if versions:
+            row = [-1] * len(toks)
+            for span in c.weight_versions or ():
+                row[span.start:span.end] = [int(span.version)] * (span.end - span.start)
+            if -1 in row:
+                raise RuntimeError(f"vLLM reported no weights version for some tokens: {c.weight_versions}")
+            vers.append(row)
+    return Generation(completion_ids=ids, finish_reasons=reasons, logprobs=logps, stop_reasons=why,
+                      policy_versions=vers if versions else None)
 
 
 def settings_to_json(settings: SamplingSettings) -> Dict[str, Any]:

@@ -4,14 +4,25 @@
     grpo-fast vllm-serve --model PATH ...            (the same main(argv))
 
 Endpoints (JSON in, JSON out; errors are {"error": message} with status 400/500):
-    GET  /health              {"status": "ok", "model", "vllm_version", "logprobs_mode", "options"}
-    POST /generate            {"prompt_ids": [[int]], "settings": SamplingSettings fields, "seeds": [int] | null}
-                              -> {"completion_ids", "finish_reasons", "stop_reasons", "logprobs"}, one per prompt
-    POST /update_weights      {"path": directory of *.safetensors} -> reload in place, reset the prefix cache
+    GET  /health              {"status": "ok", "model", "vllm_version", "logprobs_mode", "options",
+                               "weights_version", "session"}
+    POST /generate            {"prompt_ids": [[int]], "settings": SamplingSettings fields, "seeds": [int] | null,
+                               "min_version": int | null, "session": str | null}
+                              -> {"completion_ids", "finish_reasons", "stop_reasons", "logprobs",
+                                  "policy_versions"}, one per prompt
+    POST /update_weights      {"path": directory of *.safetensors, "version": int | null, "session": str | null}
+                              -> reload between two engine steps (see below), {"ok", "seconds", "version"}
     POST /reset_prefix_cache  {}
     POST /shutdown            {} -> answers, then the process exits
 
-The engine is used by one request at a time (a lock); /health answers while a generate runs.
+Requests are served concurrently: every /generate adds its prompts to the one engine as it arrives
+(rollout/vllm_loop.py: continuous batching), so the requests of several trainer ranks, or of the
+next step while this one finishes, share the engine's batches. A weight update is applied between
+two engine steps without waiting for the requests in flight: they are recomputed with the new
+weights and go on, and every token reports the version that sampled it ("policy_versions").
+A /generate with "min_version" waits until the weights are at least that version (of its
+"session": the trainer run that set them), so a trainer rank that does not upload weights itself
+samples only after the rank that does has uploaded them.
 Only the standard library is used for HTTP (ThreadingHTTPServer): the server is a thin shell
 around `vllm.LLM`, with no web framework to install or keep compatible.
 """
@@ -22,20 +33,24 @@ import json
 import os
 import sys
 import threading
-import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .vllm_common import VLLMOptions, build_llm, import_vllm, run_generate, settings_from_json
+from .vllm_common import VLLMOptions, build_llm, import_vllm, settings_from_json
+from .vllm_loop import EngineLoop
+
+# how long a /generate may wait (for its min_version, then for its completions) before it fails
+_GENERATE_TIMEOUT = 3600.0
 
 
 class _State:
     def __init__(self, llm, model: str, options: VLLMOptions):
         self.llm, self.model, self.options = llm, model, options
-        self.lock = threading.Lock()
+        self.loop = EngineLoop(llm)
+        self.lock = threading.Lock()   # the seed generator
         self.seed_gen = torch.Generator().manual_seed(int(options.seed))
         self.server: Optional[ThreadingHTTPServer] = None
 
@@ -63,7 +78,8 @@ def _make_handler(state: _State):
             if self.path.rstrip("/") == "/health":
                 import vllm
                 self._send(200, {"status": "ok", "model": state.model, "vllm_version": vllm.__version__,
-                                 "logprobs_mode": state.options.logprobs_mode, "options": state.options.as_dict()})
+                                 "logprobs_mode": state.options.logprobs_mode, "options": state.options.as_dict(),
+                                 "weights_version": state.loop.version, "session": state.loop.session})
             else:
                 self._send(404, {"error": f"unknown path {self.path}"})
 
@@ -76,8 +92,7 @@ def _make_handler(state: _State):
                 elif path == "/update_weights":
                     out = self._update_weights(req)
                 elif path == "/reset_prefix_cache":
-                    with state.lock:
-                        state.llm.reset_prefix_cache()
+                    state.loop.call(lambda llm: llm.reset_prefix_cache())
                     out = {"ok": True}
                 elif path == "/shutdown":
                     self._send(200, {"ok": True})
@@ -99,24 +114,28 @@ def _make_handler(state: _State):
             prompt_ids: List[List[int]] = req["prompt_ids"]
             settings = settings_from_json(req["settings"])
             seeds = req.get("seeds")
-            with state.lock:
-                if seeds is None:
+            if seeds is None:
+                with state.lock:
                     seeds = torch.randint(0, 2 ** 31 - 1, (len(prompt_ids),), generator=state.seed_gen).tolist()
-                if len(seeds) != len(prompt_ids):
-                    raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
-                gen = run_generate(state.llm, prompt_ids, settings, seeds)
+            if len(seeds) != len(prompt_ids):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+            gen = state.loop.generate(prompt_ids, settings, seeds, min_version=int(req.get("min_version") or 0),
+                                      session=req.get("session"), timeout=_GENERATE_TIMEOUT)
             return {"completion_ids": gen.completion_ids, "finish_reasons": gen.finish_reasons,
-                    "stop_reasons": gen.stop_reasons, "logprobs": gen.logprobs}
+                    "stop_reasons": gen.stop_reasons, "logprobs": gen.logprobs, "policy_versions": gen.policy_versions}
 
         def _update_weights(self, req: Dict[str, Any]) -> Dict[str, Any]:
             path = req["path"]
             if not os.path.isdir(path) or not any(f.endswith(".safetensors") for f in os.listdir(path)):
                 raise ValueError(f"no *.safetensors in {path!r} (is the directory shared with the trainer?)")
-            t0 = time.perf_counter()
-            with state.lock:
-                state.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-                state.llm.reset_prefix_cache()   # blocks computed with the old weights must not be reused
-            return {"ok": True, "seconds": time.perf_counter() - t0}
+            version = req.get("version")
+            version = state.loop.version + 1 if version is None else int(version)
+
+            def reload(llm):
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+
+            seconds = state.loop.call(reload, version=version, session=req.get("session"))
+            return {"ok": True, "seconds": seconds, "version": version}
 
     return Handler
 
@@ -166,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pass
     finally:
         server.server_close()
+        state.loop.close()
     return 0
 
 

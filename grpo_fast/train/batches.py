@@ -19,7 +19,7 @@ from ..rl import informative_groups
 from ..rollout import Rollout, SamplingSettings, concat_rollouts
 from .data import local_slice
 
-__all__ = ["BatchSource", "eval_settings", "sampling_settings"]
+__all__ = ["BatchSource", "eval_settings", "sampling_settings", "say_resumed"]
 
 
 def sampling_settings(config) -> SamplingSettings:
@@ -40,10 +40,25 @@ def eval_settings(config) -> Tuple[SamplingSettings, int]:
 class BatchSource:
     """Produces and scores one step's rollout."""
 
-    def __init__(self, producer, rewards, sampler, dataset, config, dist):
+    def __init__(self, producer, rewards, sampler, dataset, config, dist, engine=None):
         self.producer, self.rewards, self.sampler, self.dataset = producer, rewards, sampler, dataset
+        self.engine = engine    # whose state a checkpoint holds (None: the producer's)
         self.config, self.dist = config, dist
         self.settings = sampling_settings(config)
+
+    # the synchronous loop draws nothing ahead: the sampler and the engine in the checkpoint are exact
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        """A checkpoint of asynchronous rollouts (train/async_batches.py): regenerate what was in flight."""
+        engine = self.engine if self.engine is not None else self.producer.engine
+        if say_resumed(self.sampler, engine, state, print if self.dist.is_main else None):
+            if self.dist.is_main:
+                print("[grpo_fast] (the synchronous loop trains whole rounds: those groups are trained again)")
+
+    def close(self) -> None:
+        """Nothing to release (the asynchronous source stops its producer thread here)."""
 
     def _round(self, step: int, first_group_id: int) -> Tuple[Rollout, float]:
         cfg, dist = self.config, self.dist
@@ -118,3 +133,19 @@ class BatchSource:
                   f"(dynamic_sampling_max_batches={cfg.dynamic_sampling_max_batches}) with {n_groups * W} of "
                   f"{cfg.prompts_per_step} informative groups; training on those")
         return batch, t_gen, metrics
+
+
+def say_resumed(sampler, engine, state, say) -> int:
+    """Restore the prompt sampler and the engine to where the asynchronous producer stood before the
+    first round not fully trained (train/async_batches.py), say so, and return how many groups of
+    that round had been trained."""
+    sampler.load_state_dict(state["sampler"])
+    if state.get("engine"):
+        engine.load_state_dict(state["engine"])
+    rounds, skip = int(state.get("rounds_in_flight", 0)), int(state.get("skip_groups", 0))
+    if say is not None and (rounds or skip):
+        say(f"[grpo_fast] resume: {rounds} round(s) of prompts had been generated ahead of the trainer "
+            f"(max_staleness={state.get('max_staleness')}) and are generated again with the resumed weights, from "
+            f"prompt {sampler.position} of epoch {sampler.epoch}"
+            + (f"; the first {skip} group(s) of the first round were trained before the checkpoint" if skip else ""))
+    return skip

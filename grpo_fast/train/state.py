@@ -74,9 +74,10 @@ class Checkpoints:
     algorithm's optimiser, scheduler, state and files (critic, ...), the random state, the prompt
     sampler, the engine's state, and the progress."""
 
-    def __init__(self, config, dist, *, policy, algorithm, rng, sampler, engine, say=print):
+    def __init__(self, config, dist, *, policy, algorithm, rng, sampler, engine, batches=None, say=print):
         self.config, self.dist = config, dist
         self.policy, self.algorithm, self.rng, self.sampler, self.engine = policy, algorithm, rng, sampler, engine
+        self.batches = batches   # asynchronous rollouts: where each rank's producer stands (train/async_batches.py)
         self.say = say
         self.last: Optional[str] = None
 
@@ -89,6 +90,9 @@ class Checkpoints:
             state["scheduler"] = alg.scheduler.state_dict()
         if alg.optimizer is not None and not sharded:  # FSDP2: the optimiser state is in the sharded files
             state["optimizer"] = alg.optimizer.state_dict()
+        stream = None if self.batches is None else self.batches.state_dict()
+        if stream is not None:   # every rank's: each rank's producer draws its own rounds
+            state["batches"] = self.dist.all_gather_object(stream)
         if self.dist.enabled:  # every rank's generators, so each rank resumes its own sampling exactly
             state["rng_per_rank"] = self.dist.all_gather_object(state["rng"])
             state["world_size"] = self.dist.world_size
@@ -144,6 +148,12 @@ class Checkpoints:
         alg.load_state_dict(state.get("extra", {}), path)
         if state.get("engine"):
             self.engine.load_state_dict(state["engine"])
+        streams = state.get("batches")
+        if streams and self.batches is not None:   # what was generated ahead is generated again
+            if len(streams) != dist.world_size and dist.is_main:
+                self.say(f"[grpo_fast] {path} was written by {len(streams)} process(es): every rank resumes the "
+                         "prompt stream where rank 0's stood")
+            self.batches.load_state_dict(streams[dist.rank] if len(streams) == dist.world_size else streams[0])
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == dist.world_size:
             self.rng.load_state_dict(per_rank[dist.rank])

@@ -168,6 +168,11 @@ def completion_rows(batch, step: int, reward_names, template, dist, limit=None) 
     if adv is not None and adv.dim() == 2:   # per-token advantages (PPO): their mean over the trained tokens
         m = batch.loss_mask.to(adv.dtype)
         adv = (adv * m).sum(1) / m.sum(1).clamp(min=1)
+    versions = None   # asynchronous rollouts: the oldest weights version among each sample's tokens
+    if batch.policy_versions is not None:
+        v = batch.policy_versions.clone()
+        v[v < 0] = int(v.max()) + 1
+        versions = v.amin(1).tolist()
     rows = []
     for i in range(len(batch)):
         p, c = batch.prompts[i], batch.completions[i]
@@ -178,6 +183,7 @@ def completion_rows(batch, step: int, reward_names, template, dist, limit=None) 
             "rewards": {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(reward_names)},
             "reward": float(batch.rewards[i]),
             "advantage": None if adv is None else float(adv[i]),
+            **({} if versions is None else {"policy_version": versions[i]}),
             # the reward functions' log_extra columns, one value per completion
             **{k: v[i] for k, v in batch.extras.get("log_extra", {}).items() if i < len(v)},
         })

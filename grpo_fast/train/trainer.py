@@ -26,7 +26,7 @@ from ..rewards import RewardRunner, prepare_reward_funcs
 from ..rollout import EngineSpec, PromptTemplate, RolloutEngine, SingleTurnProducer, build_engine
 from . import checkpoint as ckpt
 from .algorithm import AlgorithmContext
-from .batches import BatchSource
+from .async_batches import batch_source
 from .callbacks import Callbacks
 from .data import PromptSampler, check_dataset
 from .distributed import init_from_env, pick_device
@@ -113,14 +113,16 @@ class Trainer:
         self.producer = SingleTurnProducer(engine, self.template, device=self.device)
         self._resources.callback(self.producer.close)
         self.sampler = PromptSampler(len(self.train_dataset), cfg.seed, cfg.shuffle_dataset)
-        self.batches = BatchSource(self.producer, self.rewards, self.sampler, self.train_dataset, cfg, self.dist)
+        # max_staleness > 0: a producer thread generates ahead of the trainer (train/async_batches.py)
+        self.batches = batch_source(self.producer, self.rewards, self.sampler, self.train_dataset, cfg, self.dist, engine)
+        self._resources.callback(self.batches.close)
         self.evaluator = None if self.eval_dataset is None else \
             Evaluator(self.producer, self.rewards, self.eval_dataset, cfg, self.rng)
         self.no_signal = NoSignalWarning(self.dist)
         ctx = AlgorithmContext(cfg, self.dist, self.device, self.rng, self.policy, check_ids)
         self.algorithm = self.algorithm_class(ctx, **algorithm_kwargs)
         self.checkpoints = Checkpoints(cfg, self.dist, policy=self.policy, algorithm=self.algorithm, rng=self.rng,
-                                       sampler=self.sampler, engine=engine)
+                                       sampler=self.sampler, engine=engine, batches=self.batches)
         self.progress = Progress()
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.final_dir: Optional[str] = None
