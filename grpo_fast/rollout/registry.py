@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict
 import torch
 
 from ..config import ConfigError
+from ..model.precision import engine_dtype
 from .engine import HFEngine, RolloutEngine
 from .vllm_client import VLLMServerEngine
 from .vllm_colocate import VLLMColocateEngine
@@ -106,8 +107,9 @@ def _no_fsdp2(spec: EngineSpec) -> None:
 def _vllm_colocate(spec: EngineSpec) -> RolloutEngine:
     _no_fsdp2(spec)
     cfg = spec.config
-    # the engine runs in the policy's dtype, so its log-probs are the trainer's (exactly, in fp32)
-    dtype = str(next(spec.model.parameters()).dtype).replace("torch.", "")
+    # the engine computes in the trainer's precision (bf16 / fp16 autocast, else the parameters' dtype), so its
+    # log-probs are the trainer's (exactly, in fp32)
+    dtype = str(engine_dtype(spec.model, cfg)).replace("torch.", "")
     options = VLLMOptions(dtype=dtype, max_model_len=cfg.vllm_max_model_length,
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gib=cfg.vllm_kv_cache_gib,
                           enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=spec.seed,
