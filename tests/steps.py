@@ -41,8 +41,8 @@ def update(trainer, batch, step=1):
 
 
 def update_grads(trainer, batch, step=1):
-    """update(), and the flat gradient the (last) optimiser step saw: the step frees the gradients
-    afterwards (as TRL's does), so they are read by an optimiser pre-step hook."""
+    """(the flat gradient the (last) optimiser step saw, update()'s metrics): the step frees the
+    gradients afterwards (as TRL's does), so they are read by an optimiser pre-step hook."""
     seen = {}
 
     def grab(optimizer, args, kwargs):
@@ -51,10 +51,10 @@ def update_grads(trainer, batch, step=1):
 
     handle = trainer.optimizer.register_step_pre_hook(grab)
     try:
-        update(trainer, batch, step)
+        metrics = update(trainer, batch, step)
     finally:
         handle.remove()
-    return seen["grad"]
+    return seen["grad"], metrics
 
 
 def make_rollout(prompt_ids, prompt_attention, completion_ids, completion_attention, **fields):
