@@ -172,7 +172,7 @@ class GRPOTrainer(Trainer):
     """Group Relative Policy Optimization (DeepSeekMath), with TRL's options.
 
     Args:
-        model: a transformers causal LM, or a local path / name (from_pretrained, local files only).
+        model: a transformers causal LM, a local path or a hub id (from_pretrained: its cache, HF_HUB_OFFLINE).
         reward_funcs: a callable f(prompts, completions, completion_ids, **columns) -> list[float | None],
             a sequence-classification reward model given as (model, tokenizer) or RewardModel, a name
             or reward-model directory (grpo_fast.rewards.resolve_reward), or a list of these (summed

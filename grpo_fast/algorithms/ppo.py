@@ -217,7 +217,7 @@ class PPOTrainer(Trainer):
             eval_dataset: as GRPOTrainer (the reference is the PEFT base with the adapter disabled).
         config: PPOConfig.
         value_model: the critic: a ValueModel, a transformers model (its trunk gets a fresh head,
-            used as is), or a local path; default (and config.value_model None): a copy of the
+            used as is), or a local path / hub id; default (and config.value_model None): a copy of the
             policy with a fresh zero head. Ignored with config.share_policy_trunk.
 
     The critic is saved in every checkpoint and in OUTPUT_DIR/final/value_model (or

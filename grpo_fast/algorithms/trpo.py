@@ -236,7 +236,7 @@ class TRPOTrainer(Trainer):
             as GRPOTrainer (with peft_config only the adapter moves; the Fisher products are over it).
         config: TRPOConfig.
         value_model: the critic with advantage_estimator="gae" (a ValueModel, a transformers model
-            whose trunk gets a fresh head, or a local path); default: a copy of the policy.
+            whose trunk gets a fresh head, or a local path / hub id); default: a copy of the policy.
         ref_model: unused (TRPO's constraint is to the rollout policy); accepted for a uniform API.
 
     The policy moves only by the TRPO step (no policy optimiser or scheduler). The critic (gae) has
