@@ -19,7 +19,7 @@ def config(tmp_path, cls=GRPOConfig, **kw):
                   num_generations=4, max_prompt_length=16, max_completion_length=4, save_steps=0, seed=0,
                   disable_tqdm=True, plot=False, save_final_model=False, report_to="none")
     values.update(kw)
-    return cls(**values)
+    return cls(**{k: v for k, v in values.items() if k not in cls.UNUSED_FIELDS})   # TRPO has no learning rate
 
 
 def trained_weights(parts, cfg, cls=GRPOTrainer):
@@ -114,12 +114,17 @@ def test_fsdp2_with_low_precision_parameters_is_refused():
 
 def _record_autocast(trainer, modules):
     """Wraps the algorithm's prepare / update; every forward of `modules` inside them records
-    whether autocast (bf16, CPU) was on. -> {name: [flags]}."""
+    whether autocast (bf16, CPU) was on; the policy's forwards outside them (HF generation) under
+    "generation". -> {name: [flags]}."""
     seen = {name: [] for name in modules}
+    seen["generation"] = []
     inside = {"on": False}
     for name, module in modules.items():
-        module.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(
-            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) if inside["on"] else None)
+        def hook(m, a, name=name):
+            key = name if inside["on"] else "generation" if name == "policy" else None
+            if key is not None:
+                seen[key].append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        module.register_forward_pre_hook(hook)
     alg = trainer.algorithm
     for method in ("prepare", "update"):
         fn = getattr(alg, method)
@@ -151,7 +156,7 @@ def test_every_trainer_forward_runs_under_autocast(demo_parts, tmp_path, cls, cf
         modules["critic"] = critic.module
     seen = _record_autocast(trainer, modules)
     trainer.train()
-    assert set(seen) == set(modules) and len(modules) >= 2
+    assert set(seen) == set(modules) | {"generation"} and len(modules) >= 2
     for name, flags in seen.items():
         assert flags and all(f == (True, torch.bfloat16) for f in flags), (name, flags)
     assert not torch.is_autocast_enabled("cpu")                         # nothing leaks out of the step

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict
 import torch
 
 from ..config import ConfigError
-from ..model.precision import engine_dtype
+from ..model.precision import Precision, engine_dtype
 from .engine import HFEngine, RolloutEngine
 from .vllm_client import VLLMServerEngine
 from .vllm_colocate import VLLMColocateEngine
@@ -94,7 +94,8 @@ def build_engine(spec: EngineSpec) -> RolloutEngine:
 @register_engine("hf")
 def _hf(spec: EngineSpec) -> RolloutEngine:
     return HFEngine(spec.model, eos_token_id=spec.tokenizer.eos_token_id, pad_token_id=spec.tokenizer.pad_token_id,
-                    device=spec.device, synced_gpus=spec.world_size > 1 and spec.fsdp2, tokenizer=spec.tokenizer)
+                    device=spec.device, synced_gpus=spec.world_size > 1 and spec.fsdp2, tokenizer=spec.tokenizer,
+                    autocast=Precision.from_config(spec.config, spec.device).autocast)
 
 
 def _no_fsdp2(spec: EngineSpec) -> None:
