@@ -6,8 +6,8 @@
 - `bf16=True` / `fp16=True` are autocast mixed precision: the trainer's forwards (the policy, the
   reference, the critic, TRPO's) run their matmuls in bfloat16 / float16 while the parameters,
   their gradients and the optimiser's state keep the parameters' dtype. `Precision.autocast()` is
-  the one context that turns it on; the loop enters it around the algorithm's prepare and update
-  (generation and evaluation run outside it: the engines choose their own precision).
+  the one context that turns it on; the loop enters it around the algorithm's prepare and update,
+  and the HF engine around generate (vLLM runs in its own dtype: `engine_dtype`).
 - Parameters that are themselves bfloat16 / float16 train through float32 master weights in the
   optimiser, and float16 (autocast or parameters) adds a dynamic loss scale
   (train/mixed_precision.py).
