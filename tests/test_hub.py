@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from grpo_fast import ConfigError, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, demo
+from grpo_fast import ConfigError, GRPOTrainer, PPOConfig, PPOTrainer, demo
 from grpo_fast.rewards import RewardModel, resolve_reward
+from test_trl_dropin import tiny
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -35,14 +36,6 @@ def hub_cache(tmp_path, monkeypatch):
         return snapshot
 
     return put
-
-
-def tiny(tmp_path, **kw):
-    values = dict(output_dir=str(tmp_path / "run"), learning_rate=1e-4, max_steps=1, per_device_train_batch_size=8,
-                  num_generations=4, max_prompt_length=16, max_completion_length=4, save_steps=0, seed=0,
-                  disable_tqdm=True, plot=False, save_final_model=False, report_to="none")
-    values.update(kw)
-    return GRPOConfig(**values)
 
 
 def test_trl_quickstart_with_a_hub_id(hub_cache, tmp_path):
