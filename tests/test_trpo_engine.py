@@ -41,15 +41,14 @@ def test_trpo_with_vllm_applies_the_importance_correction(tmp_path):
             full = alg.surrogate(batch)
             half = alg.surrogate(dataclasses.replace(batch, importance_weights=w * 0.5))
         assert float(full) != 0 and float(half) == pytest.approx(0.5 * float(full), rel=1e-5)
+        trainer.config.vllm_importance_sampling_correction = False    # the same engine, correction off
+        batch = prepared_batch(trainer)
+        assert batch.importance_weights is None and batch.sampling_logps is not None
+        trainer.config.vllm_importance_sampling_correction = True
         history = trainer.train()
     assert len(history) == 2
     for h in history:
         assert h["rollout_logp_diff_max"] <= 1e-4 and abs(h["is_ratio_mean"] - 1.0) < 1e-3 and "is_masked_frac" in h
-    off = config(tmp_path / "off", use_vllm=True, vllm_kv_cache_gib=0.25, vllm_importance_sampling_correction=False)
-    with TRPOTrainer(copy.deepcopy(parts["model"]), [varied], parts["train_dataset"], args=off,
-                     processing_class=parts["tokenizer"]) as trainer:
-        batch = prepared_batch(trainer)
-        assert batch.importance_weights is None and batch.sampling_logps is not None
 
 
 def test_trpo_counts_and_stops_on_nonfinite_steps(demo_parts, tmp_path):
