@@ -1,10 +1,11 @@
 // pybind11 bindings of the C++ core. No libtorch: tensors arrive as raw data
 // pointers (tensor.data_ptr()) plus sizes and dtype codes, already validated and
-// made contiguous by grpo_fast/advantages.py. The GIL is released while computing.
+// made contiguous by grpo_fast/ops/advantages.py. The GIL is released while computing.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <thread>
 
 #include "common.h"
 #include "cpu_ops.h"
@@ -38,19 +39,18 @@ P* ptr(std::uintptr_t p) {
   return reinterpret_cast<P*>(p);
 }
 
-void group_advantages_cpu(int dtype, std::uintptr_t rewards, int64_t n, std::uintptr_t offsets,
-                          int64_t group_size, int64_t groups, int estimator, int scale,
-                          double eps, std::uintptr_t out) {
+int64_t group_advantages_cpu(int dtype, std::uintptr_t rewards, int64_t n, std::uintptr_t offsets,
+                             int64_t group_size, int64_t groups, int estimator, int scale,
+                             double eps, std::uintptr_t out) {
   check_codes(dtype, estimator, scale);
   const auto est = static_cast<Estimator>(estimator);
   const auto sc = static_cast<Scale>(scale);
   const auto* off = ptr<const int64_t>(offsets);
   if (dtype == int(DType::kFloat64))
-    grpo_fast::cpu::group_advantages(ptr<const double>(rewards), n, off, group_size, groups, est,
-                                     sc, eps, ptr<float>(out));
-  else
-    grpo_fast::cpu::group_advantages(ptr<const float>(rewards), n, off, group_size, groups, est,
-                                     sc, eps, ptr<float>(out));
+    return grpo_fast::cpu::group_advantages(ptr<const double>(rewards), n, off, group_size,
+                                            groups, est, sc, eps, ptr<float>(out));
+  return grpo_fast::cpu::group_advantages(ptr<const float>(rewards), n, off, group_size, groups,
+                                          est, sc, eps, ptr<float>(out));
 }
 
 template <typename T>
@@ -148,13 +148,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rewards"), py::arg("n"), py::arg("offsets"), py::arg("group_size"),
         py::arg("groups"), py::arg("estimator"), py::arg("scale"), py::arg("eps"), py::arg("out"),
         "rewards (n,) float32/float64 -> out (n,) float32, raw contiguous host pointers. "
-        "offsets = 0 for fixed groups of group_size, else a pointer to groups + 1 int64.");
+        "offsets = 0 for fixed groups of group_size, else a pointer to groups + 1 int64. "
+        "Returns -1, or the first index of an infinite reward (out is then not meaningful).");
   m.def("group_advantages_cuda", &group_advantages_cuda, release(), py::arg("dtype"),
         py::arg("rewards"), py::arg("n"), py::arg("offsets"), py::arg("group_size"),
         py::arg("groups"), py::arg("estimator"), py::arg("scale"), py::arg("eps"), py::arg("out"),
         py::arg("workspace"), py::arg("device"), py::arg("stream"),
         "As group_advantages_cpu on device pointers, launched on `stream` without a sync. "
-        "workspace: (3 * groups + 1) float64 on the device, needed for scale batch only.");
+        "workspace: (3 * groups + 1) float64 on the device, needed for scale batch only. "
+        "Nothing is returned (that would need a sync): an infinite reward makes the "
+        "advantages of its group (every group with scale batch) non-finite instead.");
+  m.def(
+      "last_parallel_threads",
+      []() { return grpo_fast::last_parallel_threads.load(); },
+      "Threads (the calling one included) the last parallelised CPU loop ran on: 1 below the "
+      "size threshold or on one core. For the tests.");
+  m.def(
+      "hardware_threads", []() { return static_cast<int64_t>(std::thread::hardware_concurrency()); },
+      "std::thread::hardware_concurrency(), the most threads a CPU loop uses.");
   m.def("gae_cpu", &gae_cpu, release(), py::arg("dtype"), py::arg("rewards"), py::arg("values"),
         py::arg("mask_kind"), py::arg("mask"), py::arg("batch"), py::arg("length"),
         py::arg("gamma"), py::arg("lam"), py::arg("advantages"), py::arg("returns"),

@@ -12,7 +12,7 @@
 
 namespace grpo_fast {
 
-// Codes passed from Python as plain ints (grpo_fast/advantages.py holds the same tables).
+// Codes passed from Python as plain ints (grpo_fast/ops/advantages.py holds the same tables).
 enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 enum class MaskKind : int { kUInt8 = 0, kInt32 = 1, kInt64 = 2, kFloat32 = 3, kFloat64 = 4 };
 enum class Estimator : int { kGrpo = 0, kRloo = 1 };

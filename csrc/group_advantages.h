@@ -9,7 +9,11 @@
 //                                                     std_batch (scale batch), Bessel
 //   adv_i     = centred_i                             scale none
 // A group of one, or one whose rewards are all equal, gets 0 exactly (never NaN,
-// even with eps = 0). Statistics are accumulated in double.
+// even with eps = 0). Statistics are accumulated in double. An infinite reward
+// makes its group's statistics non-finite, and the advantages it touches (its
+// group's; every group's with scale batch) come out non-finite, never a plausible
+// number (with scale batch: every group with a learning signal); the CPU code
+// reports the first such index instead (cpu_ops.h).
 #pragma once
 
 #include <cmath>
@@ -75,6 +79,7 @@ GRPO_HD double advantage_factor(const Moments& g, Estimator estimator, Scale sca
   double denom = 1.0;
   if (scale == Scale::kGroup) denom = bessel_std(g) + eps;
   else if (scale == Scale::kBatch) denom = batch_std + eps;
+  if (denom != denom) return denom;  // statistics of an infinite reward: NaN, not 0
   return denom > 0.0 ? centre / denom : 0.0;
 }
 

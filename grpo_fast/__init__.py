@@ -46,6 +46,7 @@ _LAZY = {
     "RewardFunctionError": "grpo_fast.rewards",
     "NonFiniteUpdateError": "grpo_fast.train",
     "CorruptCheckpointError": "grpo_fast.train",
+    "CheckpointMismatchError": "grpo_fast.train",
     "OutputDirError": "grpo_fast.train",
 }
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -46,18 +45,12 @@ class CLIError(Exception):
 
 
 def load_algorithm(name: str):
-    """(config class, trainer class) of an algorithm; a clear error when it is not there yet."""
+    """(config class, trainer class) of an algorithm by name."""
     if name not in ALGORITHMS:
         raise CLIError(f"--algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
     module, trainer_name = ALGORITHMS[name]
-    try:
-        mod = importlib.import_module(module)
-        trainer_cls = getattr(mod, trainer_name)
-        return trainer_cls.config_class, trainer_cls
-    except (ImportError, AttributeError) as e:
-        if isinstance(e, ImportError) and e.name not in (None, module):
-            raise  # the module exists but something it needs is missing: show the real error
-        raise CLIError(f"--algorithm {name}: not implemented yet ({module}.{trainer_name} is not available)") from None
+    trainer_cls = getattr(importlib.import_module(module), trainer_name)
+    return trainer_cls.config_class, trainer_cls
 
 
 def _field_parser(config_cls) -> argparse.ArgumentParser:
@@ -157,7 +150,8 @@ def cmd_train(argv: List[str]) -> int:
 def _train(argv: List[str]) -> int:
     algorithm, config_cls, trainer_cls, values = parse_train_args(argv)
     if values.get("model_name_or_path") is None:
-        defaults = {k: v for k, v in demo.demo_config_defaults().items() if k in config_cls.field_names()}
+        defaults = {k: v for k, v in demo.demo_config_defaults().items()
+                    if k in config_cls.field_names() and k not in config_cls.UNUSED_FIELDS}
         defaults.update(values)
         config = config_cls.from_dict(defaults, source="command line")
         if _is_rank0():

@@ -147,6 +147,7 @@ def demo_config_defaults() -> Dict[str, Any]:
         dtype="float32",
         eval_strategy="steps",             # greedy accuracy on the held-out pairs (run_demo)
         eval_steps=20,
+        plot=True,                         # the reward curve is part of the demo, whatever report_to says
     )
 
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import torch
@@ -12,6 +13,16 @@ if not torch.cuda.is_available():
 def devices():
     """The devices the thin per-device test wrappers run on."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# The Triton backend runs wherever triton is installed. Whether the kernels import is not asked here:
+# on a machine with triton, kernels that fail to import must fail their tests, not skip them.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def backends():
+    """The loss backends the backend-parametrised tests run: torch, and triton when installed."""
+    return ["torch"] + (["triton"] if TRITON_INSTALLED else [])
 
 
 import pytest  # noqa: E402

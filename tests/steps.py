@@ -40,6 +40,23 @@ def update(trainer, batch, step=1):
         return trainer.algorithm.update(batch, step)
 
 
+def update_grads(trainer, batch, step=1):
+    """(the flat gradient the (last) optimiser step saw, update()'s metrics): the step frees the
+    gradients afterwards (as TRL's does), so they are read by an optimiser pre-step hook."""
+    seen = {}
+
+    def grab(optimizer, args, kwargs):
+        seen["grad"] = torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]
+                                  if p.grad is not None])
+
+    handle = trainer.optimizer.register_step_pre_hook(grab)
+    try:
+        metrics = update(trainer, batch, step)
+    finally:
+        handle.remove()
+    return seen["grad"], metrics
+
+
 def make_rollout(prompt_ids, prompt_attention, completion_ids, completion_attention, **fields):
     """A hand-made Rollout of one-turn samples (everything after the prompt was sampled)."""
     from grpo_fast.rollout import Rollout

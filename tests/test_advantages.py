@@ -157,8 +157,15 @@ def test_large_input_uses_threads_and_agrees():
     n = 1 << 17  # above the threading threshold
     rewards = torch.randn(n, generator=torch.Generator().manual_seed(3))
     rewards[::1001] = NAN
+    # as csrc/parallel.h decides: every hardware thread, at least 2^14 rewards each, at most one per group
+    expected_threads = min(_C.hardware_threads(), n // (1 << 14), n // 16)
     for scale in ("group", "batch"):
+        group_advantages(rewards[:64], 16, scale=scale)             # below the threshold: one thread
+        assert _C.last_parallel_threads() == 1
         out = group_advantages(rewards, 16, scale=scale)
+        assert _C.last_parallel_threads() == max(1, expected_threads)
+        if _C.hardware_threads() > 1:
+            assert _C.last_parallel_threads() > 1                   # the large input really ran threaded
         grouped = rewards.double().view(-1, 16)
         valid = ~grouped.isnan()
         count = valid.sum(1, keepdim=True)

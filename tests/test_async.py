@@ -374,8 +374,9 @@ def worker(out, port):
     parts = demo.build_demo(0, verbose=False, num_heads=2)
     results = {}
     for s in (0, 1):
+        # 32 completions per rank: 4 prompts each, the 8 of a step over both ranks
         trainer = trainer_for(parts, server_config(os.path.join(out, f"s{s}"), int(port), max_steps=3,
-                                                   max_staleness=s))
+                                                   max_staleness=s, per_device_train_batch_size=32))
         seen = record_batches(trainer)
         results[f"s{s}"] = {"history": trainer.train(), "prompts": [p for _, p, _, _ in seen],
                             "weights_dir": trainer.engine.weights_dir}

@@ -41,12 +41,11 @@ def test_errors_name_the_field(tmp_path, capsys):
     assert "temprature" in capsys.readouterr().err
 
 
-def test_unimplemented_algorithm_is_clear(capsys):
-    for name in ("ppo", "trpo"):
-        try:
-            cli.load_algorithm(name)
-        except cli.CLIError as e:
-            assert "not implemented yet" in str(e)
+def test_unknown_algorithm_is_clear(capsys):
+    from grpo_fast import PPOConfig, PPOTrainer, TRPOConfig, TRPOTrainer
+
+    assert cli.load_algorithm("ppo") == (PPOConfig, PPOTrainer)
+    assert cli.load_algorithm("trpo") == (TRPOConfig, TRPOTrainer)
     assert cli.main(["train", "--algorithm", "sac"]) == 2
     assert "expected one of grpo, ppo, trpo" in capsys.readouterr().err
 

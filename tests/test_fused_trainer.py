@@ -17,8 +17,9 @@ COMMON = dict(learning_rate=5e-4, lr_scheduler_type="constant", max_steps=1, max
 
 
 def _train(cls, cfg_cls, parts, tmp_path, fused, **kw):
+    common = {k: v for k, v in COMMON.items() if k not in cfg_cls.UNUSED_FIELDS}   # TRPO has no learning rate
     cfg = cfg_cls(output_dir=str(tmp_path / ("fused" if fused else "logits")), fused_lm_head=fused,
-                  **dict(COMMON, **kw))
+                  **dict(common, **kw))
     trainer = cls(copy.deepcopy(parts["model"]), [accuracy_reward], parts["train_dataset"], config=cfg,
                   tokenizer=parts["tokenizer"])
     assert (trainer.policy.fused_head is not None) == fused

@@ -138,7 +138,8 @@ def test_checkpoint_never_holds_nonfinite_weights(demo_parts, tmp_path):
 
 
 def test_trpo_rejects_a_nonfinite_step(demo_parts, tmp_path):
-    config = TRPOConfig(**{**COMMON, "output_dir": str(tmp_path / "run"), "num_generations": 4})
+    trpo = {k: v for k, v in COMMON.items() if k not in ("learning_rate", "lr_scheduler_type")}   # TRPO has neither
+    config = TRPOConfig(**{**trpo, "output_dir": str(tmp_path / "run"), "num_generations": 4})
     trainer = make(demo_parts, config, varied, TRPOTrainer)
     before = copy.deepcopy(trainer.model.state_dict())
     _poison_gradients(trainer.model)

@@ -14,19 +14,11 @@ import torch
 
 import grpo_fast
 from grpo_fast.ops import _torch_path
-from conftest import devices
+from conftest import backends, devices
 from reference import ref_policy_loss, ref_token_stats
 
 
-def _kernels_ready() -> bool:
-    try:
-        from grpo_fast.kernels import token_logprobs_backward, token_logprobs_forward  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-BACKENDS = ["torch"] + (["triton"] if _kernels_ready() else [])
+BACKENDS = backends()   # triton whenever it is installed: kernels that fail to import fail here
 
 
 @pytest.fixture(params=BACKENDS)

@@ -6,6 +6,7 @@ import torch
 
 import grpo_fast
 from grpo_fast.ops.options import LOSS_TYPES
+from conftest import backends
 from reference import LOSS_TYPE_OPTIONS
 
 B, T, V = 2, 5, 11
@@ -136,15 +137,7 @@ def test_good_input_still_works():
     assert torch.isfinite(out.loss)
 
 
-def _kernels_ready() -> bool:
-    try:
-        from grpo_fast.kernels import token_logprobs_forward  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if _kernels_ready() else []))
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("case", ["uint8", "int16", "mask2", "n0"])
 def test_same_refusal_on_both_backends(backend, case, monkeypatch):
     """The same bad input gets the same error class and message on the PyTorch path and the kernels
@@ -167,7 +160,7 @@ def test_same_refusal_on_both_backends(backend, case, monkeypatch):
     assert first
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if _kernels_ready() else []))
+@pytest.mark.parametrize("backend", backends())
 def test_zero_length_completions_work(backend, monkeypatch):
     """T = 0 (issue 11 §5): a zero loss with a zero gradient, metrics 0 (means over no tokens)."""
     monkeypatch.setenv("GRPO_FAST_BACKEND", backend)

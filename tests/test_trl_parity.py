@@ -19,6 +19,9 @@ trainer is built with beta = 0 (so it loads no model from a hub) and its beta is
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+import re
 import warnings
 
 import pytest
@@ -26,9 +29,12 @@ import torch
 
 import grpo_fast
 
-trl = pytest.importorskip("trl", reason="TRL is the reference here (pip install 'trl>=1.16,<1.17')")
-if not trl.__version__.startswith("1.16."):
-    pytest.skip(f"written against TRL 1.16's loss, found trl {trl.__version__}", allow_module_level=True)
+# Runs against the installed TRL, whatever its version (a change in TRL's loss then fails here, it is not
+# skipped); CI installs the one pinned in pyproject's test extra (test_the_test_extra_pins_one_trl_minor).
+# Only a TRL that is not installed at all skips: one that fails to import fails.
+if importlib.util.find_spec("trl") is None:
+    pytest.skip("TRL is the reference here (pip install -e '.[test]')", allow_module_level=True)
+import trl  # noqa: E402
 
 P, T, G = 5, 9, 2  # prompt tokens, completion tokens, completions per prompt
 LENGTHS = [9, 4, 1, 7, 9, 6]  # ragged completions, one of a single token
@@ -279,3 +285,14 @@ def test_the_cases_exercise_what_they_name(parts):
     s = grpo_fast.policy_loss(logits, parts["completion_ids"], adv, mask, old, importance_sampling_level="sequence",
                               epsilon_low=0.01, epsilon_high=0.001)
     assert 0 < s.clip_ratio_low.item() < 1 and 0 < s.clip_ratio_high.item() < 1
+
+
+def test_the_test_extra_pins_one_trl_minor():
+    """What CI installs is one TRL minor version (pyproject's test extra), and it is the installed one."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")).read()
+    m = re.search(r'"trl>=(\d+)\.(\d+),<(\d+)\.(\d+)"', text.split("test = [", 1)[1].split("]", 1)[0])
+    assert m, "pyproject's test extra must pin trl to one minor version (trl>=X.Y,<X.Y+1)"
+    lo, hi = (int(m.group(1)), int(m.group(2))), (int(m.group(3)), int(m.group(4)))
+    assert hi == (lo[0], lo[1] + 1), (lo, hi)
+    installed = tuple(int(x) for x in trl.__version__.split(".")[:2])
+    assert installed == lo, f"trl {trl.__version__} is installed; the tests are pinned to {lo[0]}.{lo[1]}"

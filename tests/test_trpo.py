@@ -22,7 +22,7 @@ def parts(demo_parts):
 
 
 def small_config(tmp_path, **kw):
-    values = dict(output_dir=str(tmp_path / "run"), learning_rate=1e-3, lr_scheduler_type="constant",
+    values = dict(output_dir=str(tmp_path / "run"),
                   max_steps=3, per_device_train_batch_size=32, num_generations=4, max_prompt_length=16,
                   max_completion_length=4, logging_steps=1, save_steps=0, seed=0, disable_tqdm=True,
                   plot=False, save_final_model=False, report_to="none")

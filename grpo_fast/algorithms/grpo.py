@@ -7,7 +7,8 @@ On a scored rollout (rewards and loss_mask set by the loop):
             ref logps   when beta > 0 (a frozen copy, or the PEFT base with the adapter disabled)
   update    num_iterations x [micro-batches of per_device_train_batch_size -> one optimiser step]
 
-Under torchrun each rank holds whole groups. The token normaliser (dapo, cispo) is the all-rank
+Under torchrun each rank holds whole groups, per_device_train_batch_size x gradient_accumulation_steps
+completions (TRL's per-device batch). The token normaliser (dapo, cispo) is the all-rank
 token count over the world size, the other losses average micro-batch means, and DDP / FSDP2
 average the gradients, so a step equals a one-process step on the same global batch
 (tests/test_distributed.py). No gradient sync on all but the last micro-batch.
@@ -131,8 +132,8 @@ class GRPO(Algorithm):
         policy.model.train()
         mask = batch.loss_mask
         chunks = micro_batches(len(batch), cfg.per_device_train_batch_size)
-        # this rank's micro-batches: gradient_accumulation_steps on one process, fewer when the step's
-        # global batch is split over ranks (the gradient average restores the global mean)
+        # this rank's micro-batches: gradient_accumulation_steps of per_device_train_batch_size (TRL's per-device
+        # batch; the gradient average over ranks gives the global mean)
         gather = dist.gather_ragged if dist.enabled and cfg.top_entropy_quantile < 1 else None
         num_items = dist.token_normaliser(mask)
         acc = MetricAccumulator()
@@ -148,7 +149,7 @@ class GRPO(Algorithm):
                 with gradient_sync(policy.wrapped, dist, sync=i == len(chunks) - 1):
                     out = policy.loss(policy.wrapped, batch, rows, batch.advantages[rows], mask[rows], opt,
                                       old_logps=rows_of(batch.old_logps, rows), ref_logps=rows_of(batch.ref_logps, rows))
-                    out.loss.backward()
+                    self.optim_step.backward(out.loss)        # through the loss scale (float16)
                 total = total + out.loss.detach()
                 tokens = mask[rows].sum().to(torch.float64)
                 for name in out._fields:
@@ -171,7 +172,7 @@ class GRPOTrainer(Trainer):
     """Group Relative Policy Optimization (DeepSeekMath), with TRL's options.
 
     Args:
-        model: a transformers causal LM, or a local path / name (from_pretrained, local files only).
+        model: a transformers causal LM, a local path or a hub id (from_pretrained: its cache, HF_HUB_OFFLINE).
         reward_funcs: a callable f(prompts, completions, completion_ids, **columns) -> list[float | None],
             a sequence-classification reward model given as (model, tokenizer) or RewardModel, a name
             or reward-model directory (grpo_fast.rewards.resolve_reward), or a list of these (summed

@@ -24,7 +24,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..config import ConfigError, PPOConfig, loss_options
+from ..config import PPOConfig, loss_options
 from ..model import Critic, attach_reference, forward_hidden
 from ..rl import AdaptiveKLController, masked_mean
 from ..rollout import Rollout
@@ -44,10 +44,6 @@ class PPO(Algorithm):
     def __init__(self, ctx: AlgorithmContext, ref_model=None, value_model=None):
         super().__init__(ctx)
         cfg: PPOConfig = self.config
-        if self.dist.enabled and cfg.minibatch_size % self.dist.world_size:
-            raise ConfigError(f"minibatch_size = per_device_train_batch_size * gradient_accumulation_steps = "
-                              f"{cfg.minibatch_size} completions cannot be split evenly over "
-                              f"{self.dist.world_size} processes")
         if cfg.beta > 0:
             attach_reference(self.policy, ref_model, dtype=cfg.dtype, device=self.device, fused=cfg.fused_lm_head,
                              dist=self.dist, check_ids=ctx.check_ids)
@@ -166,8 +162,8 @@ class PPO(Algorithm):
         dist, policy, mask = self.dist, self.policy, batch.loss_mask
         for module in (policy.model, self.critic.module):
             module.train()
-        # under torchrun each rank holds its share of every minibatch (the gradients are averaged)
-        N, mb = len(batch), cfg.minibatch_size // dist.world_size
+        # under torchrun each rank holds minibatch_size completions of every minibatch (per device, as TRL)
+        N, mb = len(batch), cfg.minibatch_size
         old_values, returns = batch.extras["values"], batch.extras["returns"]
         in_loss = cfg.kl_penalty == "loss" and batch.ref_logps is not None
         # PPO keeps the DeepSeekMath KL term (the ops default to TRL's ratio-weighted one)
@@ -190,7 +186,7 @@ class PPO(Algorithm):
                                       old_logps=batch.old_logps[rows], features=feats,
                                       ref_logps=batch.ref_logps[rows] if in_loss else None)
                     vf, n_vclip = self.value_loss(values, old_values[rows], returns[rows], mask[rows], tokens)
-                    (out.loss + cfg.vf_coef * vf).backward()
+                    self.optim_step.backward(out.loss + cfg.vf_coef * vf)   # through the loss scale (float16)
                     pg_sum, vf_sum = pg_sum + out.loss.detach(), vf_sum + vf.detach()
                     m = mask[rows].to(torch.float32)
                     w = m.sum()
@@ -221,7 +217,7 @@ class PPOTrainer(Trainer):
             eval_dataset: as GRPOTrainer (the reference is the PEFT base with the adapter disabled).
         config: PPOConfig.
         value_model: the critic: a ValueModel, a transformers model (its trunk gets a fresh head,
-            used as is), or a local path; default (and config.value_model None): a copy of the
+            used as is), or a local path / hub id; default (and config.value_model None): a copy of the
             policy with a fresh zero head. Ignored with config.share_policy_trunk.
 
     The critic is saved in every checkpoint and in OUTPUT_DIR/final/value_model (or

@@ -28,15 +28,15 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..config import ConfigError, TRPOConfig
+from ..config import TRPOConfig
 from ..model import Critic
 from ..ops import selective_log_softmax
 from ..rl import trpo_step
 from ..rollout import Rollout
-from ..train.advantages import gae_advantages, global_group_advantages
+from ..train.advantages import engine_correction, gae_advantages, global_group_advantages
 from ..train.algorithm import Algorithm, AlgorithmContext, micro_batches
 from ..train.distributed import average_gradients
-from ..train.optim import OptimizerStep, build_optimizer
+from ..train.optim import NonFiniteGuard, OptimizerStep, build_optimizer
 from ..train.trainer import Trainer
 
 __all__ = ["TRPO", "TRPOTrainer"]
@@ -53,9 +53,6 @@ class TRPO(Algorithm):
         super().__init__(ctx)   # ref_model: unused (the constraint is to the rollout policy); a uniform API
         cfg: TRPOConfig = self.config
         gae = cfg.advantage_estimator == "gae"
-        if self.dist.enabled and gae and cfg.per_device_train_batch_size % self.dist.world_size:
-            raise ConfigError(f"per_device_train_batch_size={cfg.per_device_train_batch_size} (the critic's "
-                              f"regression minibatch) cannot be split evenly over {self.dist.world_size} processes")
         # the step averages g, the Fisher products and the line-search scalars itself: no DDP wrapper
         self.replicate_policy()
         self.critic: Optional[Critic] = None
@@ -66,7 +63,9 @@ class TRPO(Algorithm):
             self.vf_step = OptimizerStep(build_optimizer(self.critic.parameters(), cfg, lr=cfg.vf_learning_rate),
                                          max_grad_norm=cfg.max_grad_norm, dist=self.dist,
                                          max_consecutive_nonfinite=cfg.max_consecutive_nonfinite)
-        # the policy moves only by the natural-gradient step: no policy optimiser, no scheduler
+        # the policy moves only by the natural-gradient step: no policy optimiser, no scheduler; a step whose
+        # surrogate or gradient is non-finite counts as a skipped update, as in every algorithm
+        self.guard = NonFiniteGuard(cfg.max_consecutive_nonfinite, self.dist)
         self.steps_accepted = self.steps_tried = 0
 
     # ------------------------------------------------------------------ state and files
@@ -126,7 +125,10 @@ class TRPO(Algorithm):
             values = self._values(batch) * m                                     # (N, T)
             advantages, returns, _, metrics = gae_advantages(scores, values, mask, gamma=cfg.gamma, lam=cfg.lam,
                                                              whiten=cfg.whiten_advantages, dist=self.dist)
-        batch = batch.with_fields(advantages=advantages, old_logps=old_logps)
+        # an engine's samples (vLLM): the mismatch metrics and, with the IS correction, the weights of the surrogate
+        weights, engine_metrics = engine_correction(batch, old_logps, cfg)
+        metrics.update(engine_metrics)
+        batch = batch.with_fields(advantages=advantages, old_logps=old_logps, importance_weights=weights)
         # every rank's token count once, for the surrogate's and the KL's normaliser
         batch.extras.update(old_log_softmax=old_all, returns=returns, metrics=metrics,
                             tokens=self.dist.token_normaliser(mask))
@@ -143,13 +145,16 @@ class TRPO(Algorithm):
 
     # ------------------------------------------------------------------ surrogate and KL
     def surrogate(self, batch: Rollout) -> torch.Tensor:
-        """L(θ) = Σ m·ρ·A / Σ m over the rollout (this rank's share under torchrun)."""
+        """L(θ) = Σ m·w·ρ·A / Σ m over the rollout (this rank's share under torchrun); w: the engine's
+        importance weights (vLLM with vllm_importance_sampling_correction), else 1."""
         m = batch.loss_mask.to(torch.float32)
+        w = batch.importance_weights
         out = 0.0
         for rows in self._chunks(len(batch)):
             logps = self.policy.token_logps(self.policy.model, batch, rows)      # (n, T), fused head if any
             ratio = torch.exp(logps - batch.old_logps[rows])                     # (n, T)
-            out = out + (ratio * batch.advantages[rows] * m[rows]).sum()
+            term = ratio * batch.advantages[rows] * m[rows]
+            out = out + (term if w is None else term * w[rows]).sum()
         return out / batch.extras["tokens"]
 
     def mean_kl(self, batch: Rollout) -> torch.Tensor:
@@ -180,6 +185,7 @@ class TRPO(Algorithm):
             model.train(was)
         for p in params:
             p.grad = None
+        self.guard.record(res.nonfinite, step, "non-finite surrogate, gradient or Fisher product")
         self.steps_tried += 1
         self.steps_accepted += int(res.accepted)
         old, m = batch.extras["old_log_softmax"], batch.loss_mask
@@ -194,18 +200,19 @@ class TRPO(Algorithm):
         if self.critic is not None:
             metrics["value_loss"] = self._fit_critic(batch, step)
         metrics = dist.mean_metrics(metrics)
-        metrics.update(self.vf_step.metrics(learning_rate=False) if self.vf_step is not None else {"skipped_updates": 0})
+        vf = self.vf_step.metrics(learning_rate=False) if self.vf_step is not None else {"skipped_updates": 0}
+        metrics.update(vf, skipped_updates=vf["skipped_updates"] + self.guard.take_skipped())
         return metrics
 
     def _fit_critic(self, batch: Rollout, step: int) -> float:
         """vf_iters passes of 0.5·(V - R)² regression (masked token mean per minibatch); the mean loss
-        (this rank's share under torchrun, where each rank holds per_device_train_batch_size / W rows
-        of every minibatch and the gradients are averaged)."""
+        (this rank's share under torchrun, where each rank holds per_device_train_batch_size rows of
+        every minibatch, as TRL's per-device batch, and the gradients are averaged)."""
         cfg: TRPOConfig = self.config
         mask, returns, dist = batch.loss_mask, batch.extras["returns"], self.dist
         self.critic.model.train()
         losses = []
-        N, mb = len(batch), cfg.per_device_train_batch_size // dist.world_size
+        N, mb = len(batch), cfg.per_device_train_batch_size
         for _ in range(cfg.vf_iters):
             order = torch.randperm(N, generator=self.ctx.rng.generator).to(mask.device)  # the trainer's generator
             for start in range(0, N, mb):
@@ -214,7 +221,7 @@ class TRPO(Algorithm):
                 values = self.critic.values(batch, rows)                          # (n, T)
                 loss = 0.5 * (((values - returns[rows]) ** 2) * m).sum() / dist.token_normaliser(m)
                 self.vf_step.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.vf_step.backward(loss)
                 average_gradients(self.vf_step.params, dist)
                 self.vf_step(loss, step)
                 losses.append(loss.detach())
@@ -229,7 +236,7 @@ class TRPOTrainer(Trainer):
             as GRPOTrainer (with peft_config only the adapter moves; the Fisher products are over it).
         config: TRPOConfig.
         value_model: the critic with advantage_estimator="gae" (a ValueModel, a transformers model
-            whose trunk gets a fresh head, or a local path); default: a copy of the policy.
+            whose trunk gets a fresh head, or a local path / hub id); default: a copy of the policy.
         ref_model: unused (TRPO's constraint is to the rollout policy); accepted for a uniform API.
 
     The policy moves only by the TRPO step (no policy optimiser or scheduler). The critic (gae) has

@@ -4,9 +4,10 @@ checkpoints, evaluation, scale-out), their validation, and reading / writing con
 Names follow TRL's GRPOConfig / TrainingArguments wherever TRL has the field, with the same
 meaning; a TRL name that is not a field here is mapped or refused by config/trl.py.
 
-Batch sizes (as in TRL): `per_device_train_batch_size` counts *completions* per micro-batch;
-one optimiser step uses `gradient_accumulation_steps` micro-batches, so one step samples
-per_device_train_batch_size * gradient_accumulation_steps / num_generations prompts.
+Batch sizes (as in TRL): `per_device_train_batch_size` counts *completions* per micro-batch and
+per process; one optimiser step uses `gradient_accumulation_steps` micro-batches on every process,
+so one step samples per_device_train_batch_size * gradient_accumulation_steps / num_generations
+prompts on each process, that times the world size in all (torchrun).
 One step is one rollout followed by `num_iterations` optimiser updates on it (TRL counts each
 of those updates as a step; the two agree at the default num_iterations = 1).
 """
@@ -40,11 +41,15 @@ class _AcceptsTRLNames(type):
 class RLConfig(metaclass=_AcceptsTRLNames):
     # --- model
     model_name_or_path: Optional[str] = None
-    """Model to train: a local directory or hub id loaded with from_pretrained (local files only); None in the CLI = the built-in demo."""
-    dtype: str = "float32"
-    """Parameter dtype when the trainer loads the model: float32, bfloat16, float16 or auto."""
+    """Model to train: a local directory or a hub id (loaded as transformers does: its cache, HF_HUB_OFFLINE); None in the CLI = the built-in demo."""
+    dtype: Optional[str] = None
+    """Parameter dtype: float32, bfloat16, float16 or auto (the checkpoint's); None: float32 for a model loaded by name (TRL's default), a module's own dtype (docs/precision.md)."""
     model_init_kwargs: Optional[Dict[str, Any]] = None
-    """Extra keyword arguments for from_pretrained when the model is given by name."""
+    """Keyword arguments for from_pretrained when the model is given by name (dtype and attn_implementation also apply to a module; the rest is refused for one)."""
+    bf16: bool = False
+    """bfloat16 autocast mixed precision of the trainer's forwards (TRL's meaning; the parameters keep their dtype). TRL defaults to True."""
+    fp16: bool = False
+    """float16 autocast mixed precision of the trainer's forwards, with a dynamic loss scale (TRL's meaning)."""
     device: Optional[str] = None
     """Device to train on (cpu, cuda, cuda:1); None = cuda when available, else cpu."""
     gradient_checkpointing: bool = False
@@ -88,7 +93,7 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     max_steps: int = 500
     """Number of training steps (one rollout + its updates each)."""
     per_device_train_batch_size: int = 8
-    """Completions per micro-batch (as in TRL, not prompts); a multiple of num_generations when gradient_accumulation_steps is 1."""
+    """Completions per micro-batch and per process (as in TRL, not prompts); a multiple of num_generations when gradient_accumulation_steps is 1."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step."""
     # --- rollout
@@ -163,18 +168,20 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """Extra logger besides the JSONL file: tensorboard (used only when installed) or none."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
+    save_strategy: str = "steps"
+    """steps: a checkpoint every save_steps steps and at the end; no: no checkpoint at all (TRL's meaning)."""
     save_steps: int = 500
     """Write a checkpoint every this many steps (and always at the end); 0: only at the end."""
     save_total_limit: Optional[int] = None
     """Keep only the newest this many checkpoints (None: keep all)."""
-    save_final_model: bool = True
-    """Write the trained model (save_pretrained) and tokenizer to OUTPUT_DIR/final."""
+    save_final_model: Optional[bool] = None
+    """Write the trained model (save_pretrained) and tokenizer to OUTPUT_DIR/final; None: unless save_strategy is no."""
     resume_from_checkpoint: Optional[str] = None
     """Resume from this checkpoint directory, or 'latest' for the newest one in output_dir."""
     overwrite_output_dir: bool = False
     """Start afresh in an output_dir that holds a run: first delete its metrics, checkpoints, final model, plots, logs and config.yaml (other files stay)."""
-    plot: bool = True
-    """Write PNG plots of the metric curves to OUTPUT_DIR/plots at the end."""
+    plot: Optional[bool] = None
+    """Write PNG plots of the metric curves to OUTPUT_DIR/plots at the end; None: unless report_to is none."""
     log_completions: bool = False
     """Every logging step, append a sample of (prompt, completion, rewards, advantage) to OUTPUT_DIR/completions.jsonl and print it."""
     num_completions_to_print: Optional[int] = None
@@ -196,8 +203,10 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     ddp_timeout: int = 1800
     """Seconds a collective may wait for the other ranks before the process group fails."""
 
+    UNUSED_FIELDS: typing.ClassVar[tuple] = ()   # fields an algorithm does not use (TRPO: the learning-rate ones)
+
     _CHOICES = {
-        "dtype": ("float32", "bfloat16", "float16", "auto"),
+        "dtype": (None, "float32", "bfloat16", "float16", "auto"),
         "lr_scheduler_type": ("constant", "linear", "cosine"),
         "report_to": ("tensorboard", "none"),
         "distributed": ("ddp", "fsdp2"),
@@ -228,6 +237,11 @@ class RLConfig(metaclass=_AcceptsTRLNames):
                 raise ConfigError(f"{f.name}={value!r}: must be a finite number")
             if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
                 raise ConfigError(f"{f.name}={value!r}: every entry must be a finite number")
+        if self.save_strategy not in ("steps", "no"):
+            raise ConfigError(f"save_strategy={self.save_strategy!r}: TRL field supported here as 'steps' or 'no' only "
+                              "(there are no epochs: set save_steps)")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16=True and fp16=True: choose one mixed precision")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ConfigError(f"min_p={self.min_p!r}: must be in [0, 1] or None")
         if not self.repetition_penalty > 0:
@@ -236,8 +250,8 @@ class RLConfig(metaclass=_AcceptsTRLNames):
             raise ConfigError(f"max_consecutive_nonfinite={self.max_consecutive_nonfinite!r}: must be >= 1")
         positive = ["learning_rate", "max_steps", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "max_completion_length", "temperature", "logging_steps", "ddp_timeout"]
-        for name in positive:
-            if not getattr(self, name) > 0:
+        for name in positive:  # (None: a field an algorithm does not use, e.g. TRPO's learning_rate)
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p!r}: must be in (0, 1]")
@@ -289,7 +303,7 @@ class RLConfig(metaclass=_AcceptsTRLNames):
 
     @property
     def prompts_per_step(self) -> int:
-        """Distinct prompts sampled per training step (over all processes)."""
+        """Distinct prompts sampled per training step on each process (times the world size in all)."""
         return self.completions_per_step // self.num_generations
 
     # how completions_per_step is made, for messages
@@ -297,8 +311,21 @@ class RLConfig(metaclass=_AcceptsTRLNames):
 
     @property
     def completions_per_step(self) -> int:
-        """Completions sampled per training step (over all processes)."""
+        """Completions sampled per training step on each process (times the world size in all), as TRL."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    # what a run writes besides metrics.jsonl (save_strategy="no" and report_to="none" as TRL: nothing)
+    @property
+    def writes_checkpoints(self) -> bool:
+        return self.save_strategy != "no"
+
+    @property
+    def writes_final_model(self) -> bool:
+        return self.save_final_model if self.save_final_model is not None else self.save_strategy != "no"
+
+    @property
+    def writes_plots(self) -> bool:
+        return self.plot if self.plot is not None else self.report_to != "none"
 
     # ------------------------------------------------------------------ I/O
     @classmethod

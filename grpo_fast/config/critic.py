@@ -20,7 +20,7 @@ class CriticConfig:
     whiten_advantages: bool = True
     """Normalise the GAE advantages to mean 0, std 1 over the rollout's completion tokens."""
     value_model: Optional[str] = None
-    """Critic: a local path (a ValueModel.save_pretrained directory or any model's trunk); None: a copy of the policy with a fresh head."""
+    """Critic: a local path or hub id (a ValueModel.save_pretrained directory or any model's trunk); None: a copy of the policy with a fresh head."""
 
     def validate_critic(self) -> None:
         for name in ("gamma", "lam"):

@@ -81,10 +81,10 @@ class PPOConfig(CriticConfig, RLConfig):
 
     @property
     def minibatch_size(self) -> int:
-        """Completions per optimiser step."""
+        """Completions per optimiser step on each process (times the world size in all)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     @property
     def completions_per_step(self) -> int:
-        """Completions sampled per training step: num_mini_batches minibatches."""
+        """Completions sampled per training step on each process: num_mini_batches minibatches."""
         return self.minibatch_size * self.num_mini_batches

@@ -21,25 +21,11 @@ def _one_of(name: str, accepted, reason: str):
 
 
 
-def _precision(dtype: str):
-    return lambda value: {"dtype": dtype} if truthy(value) else {}
-
-
-def _save_strategy(value):
-    if value == "steps":
-        return {}
-    if value == "no":
-        return {"save_steps": 0}
-    raise ConfigError(f"save_strategy={value!r}: TRL field supported here as 'steps' or 'no' only "
-                      "(there are no epochs: set save_steps)")
-
-
 # TRL name -> function(value) -> {our field: value} (or ConfigError for a value we cannot honour)
 TRL_ALIASES: Dict[str, Any] = {
-    "bf16": _precision("bfloat16"),
-    "fp16": _precision("float16"),
+    # the name transformers recommends over gradient_checkpointing with FSDP (a key of fsdp_config there)
+    "activation_checkpointing": lambda value: {"gradient_checkpointing": True} if truthy(value) else {},
     "use_cpu": lambda value: {"device": "cpu"} if truthy(value) else {},
-    "save_strategy": _save_strategy,
     "logging_strategy": _one_of("logging_strategy", ("steps",), "logging is every logging_steps steps"),
     # TRL's deprecated name for vllm_importance_sampling_clip_max
     "vllm_importance_sampling_cap": lambda value: {} if value is None else {"vllm_importance_sampling_clip_max": value},
@@ -189,6 +175,9 @@ def translate_trl_names(cls, values: Dict[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"{name} asks for {ours}={v!r} but {ours}={out[ours]!r} was given")
         out[ours] = v
     # TRL's value forms of fields we share
+    for name in ("bf16", "fp16"):  # TRL's None: "not set" (TRL then turns bf16 on unless fp16; here off)
+        if name in out and out[name] is None:
+            del out[name]
     if isinstance(out.get("report_to"), (list, tuple)):
         rt = list(out["report_to"])
         if len(rt) > 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..rl.advantages import SCALES
 from .base import ConfigError, RLConfig
@@ -16,6 +17,10 @@ class TRPOConfig(CriticConfig, RLConfig):
 
     output_dir: str = "runs/trpo"
     """Where metrics.jsonl, TensorBoard logs, plots, checkpoint-N/ and final/ are written."""
+    learning_rate: Optional[float] = None
+    """Not used by TRPO, refused when set: the policy moves by the natural-gradient step (max_kl); the critic's AdamW uses vf_learning_rate."""
+    lr_scheduler_type: Optional[str] = None
+    """Not used by TRPO, refused when set: there is no learning-rate schedule (the step size is max_kl's; vf_learning_rate is constant)."""
     num_generations: int = 8
     """Completions sampled per prompt (the group of the group baseline; may be 1 with advantage_estimator=gae)."""
     advantage_estimator: str = "group"
@@ -39,7 +44,11 @@ class TRPOConfig(CriticConfig, RLConfig):
     vf_iters: int = 4
     """Passes of critic regression over each rollout (minibatches of per_device_train_batch_size)."""
 
+    # RLConfig fields TRPO does not use (refused when set; the CLI's demo leaves them out)
+    UNUSED_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio")
+
     _CHOICES = dict(RLConfig._CHOICES, **{
+        "lr_scheduler_type": (None,) + RLConfig._CHOICES["lr_scheduler_type"],
         "advantage_estimator": ("group", "gae"),
         "scale_rewards": SCALES,
     })
@@ -50,6 +59,15 @@ class TRPOConfig(CriticConfig, RLConfig):
         if self.max_staleness > 0:
             raise ConfigError(f"max_staleness={self.max_staleness}: TRPO's surrogate and KL constraint take the "
                               "rollout as sampled by the current policy (no correction for older ones); use 0")
+        # the learning-rate fields have no meaning here: refused by name rather than ignored
+        why = {"learning_rate": "the policy moves by the natural-gradient step bounded by max_kl; the critic's AdamW "
+                                "uses vf_learning_rate",
+               "lr_scheduler_type": "TRPO has no learning-rate schedule (max_kl bounds each step; vf_learning_rate "
+                                    "is constant)",
+               "warmup_steps": "TRPO has no learning-rate schedule", "warmup_ratio": "TRPO has no learning-rate schedule"}
+        for name, reason in why.items():
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: not used by TRPO ({reason})")
         if self.num_generations < 1:
             raise ConfigError(f"num_generations={self.num_generations}: must be >= 1")
         if self.advantage_estimator == "group" and self.num_generations < 2:

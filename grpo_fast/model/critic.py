@@ -27,6 +27,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoModel
 
+from . import hub
 from .policy import is_peft, set_dropout_zero
 
 __all__ = ["Critic", "ValueHead", "ValueModel", "build_value_model", "critic_values", "hidden_size_of", "trunk_of"]
@@ -111,9 +112,9 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "ValueModel":
-        """Load a critic saved by save_pretrained, or a fresh head on any local model's trunk."""
-        kwargs.setdefault("local_files_only", True)
-        trunk = AutoModel.from_pretrained(path, **kwargs)
+        """Load a critic saved by save_pretrained, or a fresh head on any model's trunk (a local
+        directory or a hub id, model/hub.py)."""
+        trunk = hub.from_pretrained(AutoModel, path, what="value model", **kwargs)
         trunk = trunk_of(trunk)
         model = cls(trunk)
         head_path = os.path.join(path, HEAD_FILE)

@@ -21,6 +21,7 @@ from ..ops import policy_loss, policy_loss_from_hidden, selective_log_softmax, s
 from ..ops.options import LossOptions
 from .fused_head import FusedHead
 from .policy import is_peft, unwrap
+from .precision import Precision
 
 __all__ = ["Policy", "forward_hidden", "forward_logits"]
 
@@ -61,14 +62,21 @@ class Policy:
     """
 
     def __init__(self, model, tokenizer, *, temperature: float, fused_head: Optional[FusedHead] = None,
-                 index_logits_to_keep: Optional[bool] = True):
+                 index_logits_to_keep: Optional[bool] = True, precision: Optional[Precision] = None):
         self.model, self.tokenizer = model, tokenizer
+        self.precision = precision or Precision()   # bf16 / fp16: autocast of every trainer forward
         self.wrapped = model
         self.temperature = float(temperature)
         self.fused_head = fused_head
         self.index_logits_to_keep = index_logits_to_keep
         self.ref_model = None            # a separate frozen reference, when there is one
         self.ref_fused_head: Optional[FusedHead] = None
+
+    def autocast(self):
+        """The mixed-precision context of the trainer's forwards (model/precision.py): the loop
+        enters it around the algorithm's prepare and update, so the policy, the reference, the
+        critic and TRPO's forwards all run under it."""
+        return self.precision.autocast()
 
     # ------------------------------------------------------------------ which head
     def head_for(self, module) -> Optional[FusedHead]:
@@ -93,10 +101,12 @@ class Policy:
     def logps_from(self, module, features: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """(n, T) float32 log-probs at the sampling temperature from features(module, ...)."""
         head = self.head_for(module)
-        if head is not None:
-            return selective_log_softmax_from_hidden(features, token_ids=token_ids, temperature=self.temperature,
-                                                     **head.head_args(module))
-        return selective_log_softmax(features, token_ids, self.temperature)
+        with self.precision.outside():
+            if head is not None:
+                hidden, args = self.precision.for_loss(features, head.head_args(module))
+                return selective_log_softmax_from_hidden(hidden, token_ids=token_ids, temperature=self.temperature,
+                                                         **args)
+            return selective_log_softmax(features, token_ids, self.temperature)
 
     def token_logps(self, module, batch, rows=slice(None)) -> torch.Tensor:
         """(n, T) float32 log-probs of the completion tokens under `module`."""
@@ -111,9 +121,11 @@ class Policy:
             features = self.features(module, batch, rows)                      # (n, T, H) or (n, T, V)
         head = self.head_for(module)
         kw = dict(advantages=advantages, mask=mask, old_logps=old_logps, ref_logps=ref_logps, options=options)
-        if head is not None:
-            return policy_loss_from_hidden(features, token_ids=ids, **head.head_args(module), **kw)
-        return policy_loss(features, ids, inplace_grad=True, **kw)
+        with self.precision.outside():
+            if head is not None:
+                hidden, args = self.precision.for_loss(features, head.head_args(module))
+                return policy_loss_from_hidden(hidden, token_ids=ids, **args, **kw)
+            return policy_loss(features, ids, inplace_grad=True, **kw)
 
     # ------------------------------------------------------------------ rollout-time log-probs
     @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Loading the policy and what the trainers need to know about it: PEFT, wrappers, dropout, and
-whether its forward takes `logits_to_keep` as positions.
+"""Loading the policy and what the trainers need to know about it: its dtype (TRL's rule), PEFT,
+wrappers, dropout, and whether its forward takes `logits_to_keep` as positions.
 """
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import contextlib
 import inspect
 import os
 import typing
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config import ConfigError
+from . import hub
 
-__all__ = ["accepts_index_logits_to_keep", "is_peft", "load_policy", "prepare_policy", "set_dropout_zero", "unwrap"]
+__all__ = ["accepts_index_logits_to_keep", "apply_to_module", "is_peft", "load_dtype", "load_policy", "load_tokenizer",
+           "prepare_policy", "set_dropout_zero", "unwrap"]
 
 
 def is_peft(model) -> bool:
@@ -55,33 +57,89 @@ def accepts_index_logits_to_keep(model) -> Optional[bool]:
     return ann is torch.Tensor or any(a is torch.Tensor for a in typing.get_args(ann))
 
 
-def _missing_model_error(name: str) -> OSError:
-    return OSError(f"no model at {name!r} (a local directory with config.json was expected; downloads from "
-                   "a model hub are off: pass a local path)")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_policy(model, tokenizer, *, dtype: str = "float32", model_init_kwargs=None):
-    """(model, tokenizer) from a model object or a local path; the tokenizer gets left padding and a pad token."""
+def _dtype_of(value, name: str):
+    """A dtype setting (a string or a torch.dtype) -> torch.dtype, "auto", or None."""
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in _DTYPES:
+        return _DTYPES[value]
+    raise ConfigError(f"{name}={value!r}: expected one of {', '.join(_DTYPES)}, 'auto' or a torch.dtype")
+
+
+def load_dtype(dtype, model_init_kwargs) -> Any:
+    """The dtype a model loaded by name gets: model_init_kwargs["dtype"] (TRL's place for it; its
+    old name torch_dtype too) or `dtype`, which must agree; float32 when neither says (TRL's default)."""
+    kwargs = model_init_kwargs or {}
+    given = [(k, _dtype_of(kwargs[k], f"model_init_kwargs[{k!r}]")) for k in ("dtype", "torch_dtype") if k in kwargs]
+    ours = _dtype_of(dtype, "dtype")
+    if ours is not None:
+        given.append(("dtype", ours))
+    values = {v for _, v in given}
+    if len(values) > 1:
+        raise ConfigError("the model's dtype is given twice with different values: "
+                          + ", ".join(f"{k}={v}" for k, v in given))
+    return values.pop() if values else torch.float32
+
+
+# model_init_kwargs that can be applied to a model given as a module (the rest only mean something to from_pretrained)
+_APPLICABLE = ("dtype", "torch_dtype", "attn_implementation")
+
+
+def apply_to_module(model: nn.Module, *, dtype=None, model_init_kwargs=None) -> nn.Module:
+    """What of `dtype` and model_init_kwargs a model given as a module can take: a cast to the dtype,
+    the attention implementation. Keys that only from_pretrained understands are refused by name
+    (TRL ignores all of them with a warning)."""
+    kwargs = dict(model_init_kwargs or {})
+    refused = sorted(k for k in kwargs if k not in _APPLICABLE)
+    if refused:
+        raise ConfigError(f"model_init_kwargs {refused}: apply only when the model is loaded by name (from_pretrained); "
+                          "the model was given as a module: load it with them yourself, or pass its name or path")
+    has_dtype = dtype is not None or "dtype" in kwargs or "torch_dtype" in kwargs
+    target = load_dtype(dtype, kwargs) if has_dtype else None
+    if isinstance(target, torch.dtype):
+        model = model.to(target)                  # "auto" with a module: the module's own dtype
+    if "attn_implementation" in kwargs:
+        if not hasattr(model, "set_attn_implementation"):
+            raise ConfigError(f"model_init_kwargs['attn_implementation']: {type(model).__name__} cannot change its "
+                              "attention implementation (no set_attn_implementation)")
+        model.set_attn_implementation(kwargs["attn_implementation"])
+    return model
+
+
+def load_tokenizer(name: str, model_init_kwargs=None):
+    return hub.from_pretrained(AutoTokenizer, name, what="tokenizer", **hub.tokenizer_kwargs(model_init_kwargs))
+
+
+def load_policy(model, tokenizer, *, dtype=None, model_init_kwargs=None):
+    """(model, tokenizer) from a model object, a local path or a hub id (transformers' cache and
+    HF_HUB_OFFLINE apply: model/hub.py); the tokenizer gets left padding and a pad token.
+
+    By name: loaded in float32 unless `dtype` or model_init_kwargs["dtype"] say otherwise (TRL's
+    rule); model_init_kwargs go to from_pretrained, and those that locate files (cache_dir,
+    revision, ...) to the tokenizer too. A module: `apply_to_module` (cast to `dtype`, the
+    attention implementation; other model_init_kwargs refused by name)."""
     if isinstance(model, (str, os.PathLike)):
-        name = str(model)
-        if not os.path.isdir(name):
-            raise _missing_model_error(name)
+        name = os.fspath(model)
         kwargs = dict(model_init_kwargs or {})
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault("dtype", getattr(torch, dtype) if dtype != "auto" else "auto")
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = load_dtype(dtype, model_init_kwargs)
+        model = hub.from_pretrained(AutoModelForCausalLM, name, **kwargs)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-    elif tokenizer is None:
-        name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if not name:
-            raise ValueError("tokenizer: the model was given as an object without a name_or_path; pass "
-                             "processing_class= (or tokenizer=)")
-        if not os.path.isdir(name):
-            raise _missing_model_error(name)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a transformers model or a local path, got {type(model).__name__}")
+            tokenizer = load_tokenizer(name, model_init_kwargs)
+    else:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a transformers model, a local path or a hub id, got "
+                            f"{type(model).__name__}")
+        model = apply_to_module(model, dtype=dtype, model_init_kwargs=model_init_kwargs)
+        if tokenizer is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            if not name:
+                raise ValueError("tokenizer: the model was given as an object without a name_or_path; pass "
+                                 "processing_class= (or tokenizer=)")
+            tokenizer = load_tokenizer(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:

@@ -1,6 +1,6 @@
 """The reference model of the KL penalty, and the fused head of each model that has one.
 
-The reference is a frozen copy of the policy (or the user's reference: a model or a local path);
+The reference is a frozen copy of the policy (or the user's reference: a model, a local path or a hub id);
 with a PEFT policy there is no copy: the reference is the base model with the adapter disabled
 (Policy.reference_context).
 """

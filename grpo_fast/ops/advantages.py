@@ -79,8 +79,12 @@ def _launch_group_advantages(rewards: torch.Tensor, group_size: Optional[int],
     sc = _SCALES[scale]
     code = _FLOAT_CODES[rewards.dtype]
     if rewards.is_cpu:
-        _C.group_advantages_cpu(code, rewards.data_ptr(), n, off_ptr, gs, groups, est, sc,
-                                eps, out.data_ptr())
+        # the C++ pass that reads every reward also finds the first infinite one (no extra pass)
+        bad = _C.group_advantages_cpu(code, rewards.data_ptr(), n, off_ptr, gs, groups, est, sc,
+                                      eps, out.data_ptr())
+        if bad >= 0:  # an inf would zero its whole group (or, with scale="batch", the batch)
+            raise ValueError(f"rewards[{bad}] = {float(rewards[bad])}: rewards must be finite "
+                             "(NaN marks a missing reward)")
         return out
     _check_cuda(rewards, "group_advantages")
     workspace = 0
@@ -208,9 +212,12 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
     Args:
         rewards: (N,) float32 or float64. Other real dtypes (int, bool, float16,
             bfloat16) are converted to float32 first. NaN marks a missing reward: it
-            is left out of every statistic and gets advantage 0. +-inf raises
-            ValueError naming the first such index (checked in eager mode; on CUDA
-            that check reads one flag back from the device).
+            is left out of every statistic and gets advantage 0. +-inf: on CPU a
+            ValueError naming the first such index (found by the C++ pass that reads
+            every reward, no extra pass); on CUDA, where raising would need a host
+            sync, the advantages of its group (with scale="batch": of every group
+            with a learning signal) come out NaN / inf, never a plausible number,
+            so the loss and the trainers' non-finite guard see it.
         group_size: every group has this many consecutive rewards (N % group_size == 0).
         group_offsets: instead of group_size, variable groups as CSR offsets: int64
             (int32 is converted), shape (groups + 1,), non-decreasing from 0 to N; group
@@ -246,12 +253,6 @@ def group_advantages(rewards: torch.Tensor, group_size: Optional[int] = None, *,
         rewards = _as_real("rewards", rewards, allow_convert=True)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D (N,), got {_describe(rewards)}")
-    if _direct(rewards):  # not while tracing (fake tensors have no values)
-        inf = torch.isinf(rewards)
-        if bool(inf.any()):  # an inf would zero its whole group (or, with scale="batch", the batch)
-            i = int(inf.nonzero()[0, 0])
-            raise ValueError(f"rewards[{i}] = {float(rewards[i])}: rewards must be finite "
-                             "(NaN marks a missing reward)")
     n = rewards.shape[0]
     if group_offsets is None:
         if group_size is None:

@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from ..model import hub
 from .rules import _text
 
 __all__ = ["RewardModel"]
@@ -14,15 +15,16 @@ __all__ = ["RewardModel"]
 class RewardModel:
     """A sequence-classification model as a reward function: the score is logit 0 of prompt + completion.
 
-    `model` is an AutoModelForSequenceClassification instance (or a local path), `tokenizer`
-    its tokenizer. Conversational samples are rendered with the tokenizer's chat template.
+    `model` is an AutoModelForSequenceClassification instance, a local path or a hub id (loaded as
+    transformers does: model/hub.py), `tokenizer` its tokenizer (loaded from the same name when the
+    model is given by name). Conversational samples are rendered with the tokenizer's chat template.
     """
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 32, max_length: Optional[int] = None):
         if isinstance(model, str):
-            path = model
-            model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+            name = model
+            model = hub.from_pretrained(AutoModelForSequenceClassification, name, what="reward model")
+            tokenizer = tokenizer or hub.from_pretrained(AutoTokenizer, name, what="reward model's tokenizer")
         if tokenizer is None:
             raise ValueError("RewardModel needs the reward model's tokenizer")
         if tokenizer.pad_token is None:

@@ -2,7 +2,8 @@
 
 A reward given as a string is, in this order: a registered name ("accuracy", "format",
 "boxed_format", or one added with register_reward), "package.module:function" or
-"path/to/file.py:function", else a reward model's directory (a sequence-classification model).
+"path/to/file.py:function", else a reward model (a sequence-classification model): a directory or
+a hub id "org/name" (loaded as transformers does: its cache, HF_HUB_OFFLINE).
 The same strings work in the Python API (reward_funcs=["accuracy"]) and on the command line
 (--reward_funcs accuracy my_rewards.py:length_penalty).
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from typing import Callable, Dict, List, Tuple
 
 import torch
 from transformers import AutoTokenizer
 
+from ..model import hub
 from .model import RewardModel
 from .rules import accuracy_reward, boxed_format_reward, format_reward
 
 __all__ = ["REWARDS", "prepare_reward_funcs", "register_reward", "resolve_reward", "reward_name"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # "org/name"
 
 REWARDS: Dict[str, Callable] = {
     "accuracy": accuracy_reward,
@@ -53,10 +58,10 @@ def resolve_reward(spec: str):
         if not hasattr(mod, attr):
             raise ValueError(f"reward {spec!r}: {module} has no {attr}")
         return getattr(mod, attr)
-    if os.path.isdir(spec):
+    if os.path.isdir(spec) or _HUB_ID.match(spec):
         return RewardModel(spec)
     raise ValueError(f"reward {spec!r}: expected a registered name ({', '.join(REWARDS)}), module:function, "
-                     "path/to/file.py:function, or a reward-model directory")
+                     "path/to/file.py:function, or a reward model (a directory or a hub id 'org/name')")
 
 
 def reward_name(f) -> str:
@@ -68,7 +73,7 @@ def _tokenizer_for(model):
     if not name:
         raise ValueError("a reward model given without its tokenizer: pass (model, tokenizer) "
                          "or grpo_fast.rewards.RewardModel(model, tokenizer)")
-    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    return hub.from_pretrained(AutoTokenizer, name, what="reward model's tokenizer")
 
 
 def prepare_reward_funcs(reward_funcs, *, device) -> Tuple[List[Callable], List[str]]:

@@ -139,6 +139,7 @@ class TRPOStepResult:
     line_search_steps: int  # backtracking steps tried
     step_norm: float  # norm of the accepted step
     expected_gain: float  # first-order predicted gain of the full step
+    nonfinite: bool = False  # the surrogate, its gradient or the Fisher product was NaN/inf: no step was tried
 
 
 def trpo_step(
@@ -175,13 +176,17 @@ def trpo_step(
     else:
         g = _apply(reduce, g)
         surr_old, = _scalars(reduce, surr)
-    if not torch.isfinite(g).all() or g.abs().max().item() == 0.0:
+    if not (math.isfinite(surr_old) and bool(torch.isfinite(g).all())):
+        return TRPOStepResult(False, 0.0, 0.0, 0, 0.0, 0.0, nonfinite=True)
+    if g.abs().max().item() == 0.0:
         return TRPOStepResult(False, 0.0, 0.0, 0, 0.0, 0.0)
     fvp = fisher_vector_product(kl_fn, params, damping, reduce)
     with torch.enable_grad():
         s = conjugate_gradient(fvp, g, iters=cg_iters)
         sFs = s.dot(fvp(s)).item()
-    if not (sFs > 0 and math.isfinite(sFs)):
+    if not math.isfinite(sFs):
+        return TRPOStepResult(False, 0.0, 0.0, 0, 0.0, 0.0, nonfinite=True)
+    if not sFs > 0:
         return TRPOStepResult(False, 0.0, 0.0, 0, 0.0, 0.0)
     beta = math.sqrt(2.0 * max_kl / sFs)
     full_step = beta * s

@@ -109,13 +109,17 @@ class HFEngine(RolloutEngine):
 
     It samples from the live policy, so sync_weights has nothing to do; randomness comes from
     the global torch generator (the trainer scopes it to its own state, see TrainerRNG).
+    `autocast`: a context factory generation runs under (the trainer's bf16 / fp16 autocast, as
+    TRL generates with the autocast-wrapped model), or None.
     """
 
     name = "hf"
 
     def __init__(self, model: torch.nn.Module, *, eos_token_id: int, pad_token_id: int,
-                 device: torch.device, synced_gpus: bool = False, tokenizer=None, return_logprobs: bool = False):
+                 device: torch.device, synced_gpus: bool = False, tokenizer=None, return_logprobs: bool = False,
+                 autocast=None):
         self.model = model
+        self.autocast = autocast or contextlib.nullcontext
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(pad_token_id)
         self.device = device
         self.synced_gpus = synced_gpus  # FSDP2: every forward is a collective, ranks step together
@@ -145,7 +149,7 @@ class HFEngine(RolloutEngine):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**kw),
                                      **extra)
         finally:

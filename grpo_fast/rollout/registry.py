@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict
 import torch
 
 from ..config import ConfigError
+from ..model.precision import Precision, engine_dtype
 from .engine import HFCopyEngine, HFEngine, RolloutEngine
 from .vllm_client import VLLMServerEngine
 from .vllm_colocate import VLLMColocateEngine
@@ -99,7 +100,7 @@ def _asynchronous(spec: EngineSpec) -> bool:
 @register_engine("hf")
 def _hf(spec: EngineSpec) -> RolloutEngine:
     kw = dict(eos_token_id=spec.tokenizer.eos_token_id, pad_token_id=spec.tokenizer.pad_token_id, device=spec.device,
-              tokenizer=spec.tokenizer)
+              tokenizer=spec.tokenizer, autocast=Precision.from_config(spec.config, spec.device).autocast)
     if _asynchronous(spec):
         if spec.world_size > 1 and spec.fsdp2:
             raise ConfigError("max_staleness > 0 with the HF engine and distributed=fsdp2 is not supported (the "
@@ -118,8 +119,9 @@ def _no_fsdp2(spec: EngineSpec) -> None:
 def _vllm_colocate(spec: EngineSpec) -> RolloutEngine:
     _no_fsdp2(spec)
     cfg = spec.config
-    # the engine runs in the policy's dtype, so its log-probs are the trainer's (exactly, in fp32)
-    dtype = str(next(spec.model.parameters()).dtype).replace("torch.", "")
+    # the engine computes in the trainer's precision (bf16 / fp16 autocast, else the parameters' dtype), so its
+    # log-probs are the trainer's (exactly, in fp32)
+    dtype = str(engine_dtype(spec.model, cfg)).replace("torch.", "")
     options = VLLMOptions(dtype=dtype, max_model_len=cfg.vllm_max_model_length,
                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, kv_cache_gib=cfg.vllm_kv_cache_gib,
                           enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=spec.seed,

@@ -16,9 +16,9 @@
     tracking.py     metrics.jsonl, TensorBoard, the progress bar, completion logs; plot.py plots
 """
 from .algorithm import Algorithm, AlgorithmContext
-from .checkpoint import CorruptCheckpointError, OutputDirError
+from .checkpoint import CheckpointMismatchError, CorruptCheckpointError, OutputDirError
 from .optim import NonFiniteUpdateError
 from .trainer import Trainer
 
-__all__ = ["Algorithm", "AlgorithmContext", "CorruptCheckpointError", "NonFiniteUpdateError", "OutputDirError",
-           "Trainer"]
+__all__ = ["Algorithm", "AlgorithmContext", "CheckpointMismatchError", "CorruptCheckpointError",
+           "NonFiniteUpdateError", "OutputDirError", "Trainer"]

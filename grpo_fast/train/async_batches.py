@@ -140,7 +140,7 @@ class AsyncBatchSource(BatchSource):
                     self._started += 1
                     index = self._started
                     self._marks[index] = {"sampler": self.sampler.state_dict(), "engine": self.engine.state_dict()}
-                    indices = local_slice(self.sampler.take(cfg.prompts_per_step), dist.rank, dist.world_size)
+                    indices = local_slice(self.sampler.take(cfg.prompts_per_step * dist.world_size), dist.rank, dist.world_size)
                     start = self._trainer_version()
                 t0 = time.perf_counter()
                 batch = self.producer.produce([self.dataset[i] for i in indices], indices, self.settings, G)
@@ -275,7 +275,7 @@ class AsyncBatchSource(BatchSource):
         if cfg.dynamic_sampling:
             batch, _, metrics = self._dynamic(step)
         else:
-            per_rank = cfg.prompts_per_step // self.dist.world_size
+            per_rank = cfg.prompts_per_step      # per process, as TRL's per-device batch
             batch, metrics = self.rewards.score(self._join(self._take(step, per_rank)), step), {}
         metrics.update(self._metrics(batch, step))
         return batch.with_loss_mask(cfg.mask_truncated_completions), self._stats["wait"], metrics

@@ -1,8 +1,9 @@
 """The step's scored rollout: prompts -> producer -> rewards (-> dynamic sampling) -> loss mask.
 
-Every rank draws the same global prompts and keeps its own contiguous slice (whole groups per
-rank). With dynamic sampling (DAPO; verl's filter_groups), rounds of prompts are generated until
-the step holds prompts_per_step groups with a learning signal (or dynamic_sampling_max_batches
+Every rank draws the same global prompts (prompts_per_step per rank, as TRL's per-device batch)
+and keeps its own contiguous slice (whole groups per rank). With dynamic sampling (DAPO; verl's
+filter_groups), rounds of prompts are generated until every rank holds prompts_per_step groups
+with a learning signal (or dynamic_sampling_max_batches
 rounds); under torchrun the rounds and the number of groups each rank keeps are decided from
 all-gathered counts, so every rank does the same. Last, the one rule for samples without a
 reward (Rollout.with_loss_mask) gives the loss mask every algorithm trains on.
@@ -62,7 +63,7 @@ class BatchSource:
 
     def _round(self, step: int, first_group_id: int) -> Tuple[Rollout, float]:
         cfg, dist = self.config, self.dist
-        indices = local_slice(self.sampler.take(cfg.prompts_per_step), dist.rank, dist.world_size)
+        indices = local_slice(self.sampler.take(cfg.prompts_per_step * dist.world_size), dist.rank, dist.world_size)
         t0 = time.perf_counter()
         batch = self.producer.produce([self.dataset[i] for i in indices], indices, self.settings,
                                       cfg.num_generations, first_group_id=first_group_id)
@@ -81,7 +82,7 @@ class BatchSource:
     def _dynamic(self, step: int):
         cfg, dist = self.config, self.dist
         W, G = dist.world_size, cfg.num_generations
-        per_rank = cfg.prompts_per_step // W            # groups each rank trains on
+        per_rank = cfg.prompts_per_step                 # groups each rank trains on
         names = self.rewards.names
         F = len(names)
         kept, n_kept, first = [], 0, None
@@ -107,7 +108,7 @@ class BatchSource:
                                torch.where(pf_ok, pf, 0.0).sum(0), pf_ok.double().sum(0)])[None]
             everyone = dist.all_gather(stats)                                    # (W, 4 + 2F)
             func_sums += everyone[:, 4:].sum(0)
-            groups_seen += cfg.prompts_per_step
+            groups_seen += per_rank * W
             groups_filtered += int(everyone[:, 1].sum())
             reward_sum += float(everyone[:, 2].sum())
             reward_n += float(everyone[:, 3].sum())
@@ -131,7 +132,7 @@ class BatchSource:
         if n_groups < per_rank and dist.is_main:
             print(f"[grpo_fast] step {step}: dynamic sampling stopped after {rounds} round(s) "
                   f"(dynamic_sampling_max_batches={cfg.dynamic_sampling_max_batches}) with {n_groups * W} of "
-                  f"{cfg.prompts_per_step} informative groups; training on those")
+                  f"{per_rank * W} informative groups; training on those")
         return batch, t_gen, metrics
 
 

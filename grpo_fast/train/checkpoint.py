@@ -61,6 +61,12 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or unreadable; the message names it."""
 
 
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint that reads fine but does not fit this run (other optimiser parameter groups, PEFT
+    on one side only, other weights); the message names what differs. Not corrupt: an older
+    checkpoint of the same run would not fit either, so none is tried."""
+
+
 # --------------------------------------------------------------------------- the output folder
 def check_writable(output_dir: str) -> None:
     """Raise OutputDirError when output_dir (or, if it does not exist yet, its nearest existing
@@ -361,10 +367,11 @@ def verify_checkpoint(path: str) -> Optional[str]:
 
 @contextlib.contextmanager
 def reading(path: str, what: str) -> Iterator[None]:
-    """Errors while reading `what` from checkpoint `path` -> CorruptCheckpointError naming them."""
+    """Errors while reading `what` from checkpoint `path` -> CorruptCheckpointError naming them
+    (a CheckpointMismatchError raised inside passes as it is)."""
     try:
         yield
-    except CorruptCheckpointError:
+    except (CorruptCheckpointError, CheckpointMismatchError):
         raise
     except Exception as e:
         raise CorruptCheckpointError(f"checkpoint {path}: {what} could not be read ({type(e).__name__}: "
@@ -397,29 +404,64 @@ def resolve_checkpoint(spec: Optional[str], output_dir: str) -> Optional[str]:
     return spec
 
 
+_ADAPTER = "adapter_model.safetensors"
+
+
+def _holds_full_weights(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def load_model_weights(model, path: str) -> None:
-    """Load the weights that save_pretrained wrote in `path` into `model`, exactly."""
-    if is_peft(model):
+    """Load the weights that save_pretrained wrote in `path` into `model`, exactly. Reading a file
+    fails as CorruptCheckpointError; weights that do not fit the model (PEFT on one side only,
+    other names or shapes) as CheckpointMismatchError."""
+    peft_run, adapter = is_peft(model), os.path.isfile(os.path.join(path, _ADAPTER))
+    if peft_run and not adapter and _holds_full_weights(path):
+        raise CheckpointMismatchError(f"checkpoint {path} holds full model weights, but this run trains a PEFT adapter "
+                                      "(peft_config): resume without peft_config, or start a new run")
+    if not peft_run and adapter and not _holds_full_weights(path):
+        raise CheckpointMismatchError(f"checkpoint {path} holds a PEFT adapter ({_ADAPTER}), but this run trains "
+                                      "the full model: pass the same peft_config to resume it")
+    if peft_run:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        with reading(path, _ADAPTER):
+            state = load_file(os.path.join(path, _ADAPTER))
+        with fitting(path, "the adapter weights"):
+            set_peft_model_state_dict(model, state)
         return
     single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        state = load_file(single)
-    else:
-        with open(os.path.join(path, "model.safetensors.index.json")) as fh:
-            shards = sorted(set(json.load(fh)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with reading(path, "the model weights"):
+        if os.path.isfile(single):
+            state = load_file(single)
+        else:
+            with open(os.path.join(path, "model.safetensors.index.json")) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(os.path.join(path, shard)))
+    with fitting(path, "the model weights"):
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
         tied = set(model._tied_weights_keys)
     bad = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if unexpected or bad:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {bad[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointMismatchError(f"checkpoint {path} does not match the model: missing {bad[:5]}, "
+                                      f"unexpected {unexpected[:5]}")
+
+
+@contextlib.contextmanager
+def fitting(path: str, what: str) -> Iterator[None]:
+    """Errors while putting `what`, read from checkpoint `path`, into this run's objects (a state
+    dict of other shapes, other parameter groups, missing entries) -> CheckpointMismatchError."""
+    try:
+        yield
+    except (CorruptCheckpointError, CheckpointMismatchError):
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointMismatchError(f"checkpoint {path}: {what} does not fit this run ({type(e).__name__}: "
+                                      f"{str(e)[:300]})") from e
 
 
 def _numpy_rng_globals():

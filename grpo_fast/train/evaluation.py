@@ -1,6 +1,7 @@
 """Evaluation during training (TRL's eval_dataset with eval_strategy="steps")."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict
 
@@ -11,11 +12,22 @@ from .batches import eval_settings
 __all__ = ["Evaluator"]
 
 
+@contextlib.contextmanager
+def _engine_state_kept(engine):
+    """The engine's sampling state (state_dict: what a checkpoint holds) restored on the way out."""
+    saved = engine.state_dict()
+    try:
+        yield
+    finally:
+        engine.load_state_dict(saved)
+
+
 class Evaluator:
     """Generates on the held-out prompts and scores them with the reward functions.
 
-    Runs under its own forked random state seeded from (seed, step), so training's random stream
-    is the same with or without evaluation; what the reward functions log is not recorded. Under
+    Runs under its own forked random state seeded from (seed, step), and the engine's own sampling
+    state (vLLM's seed generator) is put back afterwards, so training samples the same with or
+    without evaluation, whatever the engine; what the reward functions log is not recorded. Under
     torchrun every rank evaluates the whole set (generation under FSDP2 is a collective) and the
     numbers are rank 0's.
     """
@@ -30,7 +42,7 @@ class Evaluator:
         per_batch = max(1, cfg.per_device_eval_batch_size // k)
         n = len(self.dataset)
         rewards, per_func, lengths = [], [], []
-        with self.rng.forked(cfg.seed * 1_000_003 + step):
+        with self.rng.forked(cfg.seed * 1_000_003 + step), _engine_state_kept(self.producer.engine):
             for start in range(0, n, per_batch):
                 indices = list(range(start, min(n, start + per_batch)))
                 batch = self.producer.produce([self.dataset[i] for i in indices], indices, settings, k)

@@ -113,7 +113,8 @@ class Checkpoints:
         return self.last
 
     def load(self, path: str, progress: Progress) -> None:
-        """Restore checkpoint `path` (an unreadable file raises ckpt.CorruptCheckpointError naming it).
+        """Restore checkpoint `path` (an unreadable file raises ckpt.CorruptCheckpointError naming it;
+        state that reads fine but does not fit this run ckpt.CheckpointMismatchError naming what).
         Settings that differ from the checkpoint's are listed in a warning; the optimiser's and the
         scheduler's state win, so the optimiser fields (learning_rate, betas, eps, weight decay) take
         the checkpoint's values in the config (and config.yaml), the others the new ones."""
@@ -121,31 +122,33 @@ class Checkpoints:
         with ckpt.reading(path, ckpt.STATE_FILE):
             state = ckpt.load_state(path)
         if state.get("algorithm", alg.name) != alg.name:
-            raise ValueError(f"checkpoint {path} was written by the {state['algorithm']} trainer, not {alg.name}")
+            raise ckpt.CheckpointMismatchError(f"checkpoint {path} was written by the {state['algorithm']} trainer, "
+                                               f"not {alg.name}")
         saved_world = int(state.get("world_size", 1))
         fsdp2 = dist.enabled and dist.mode == "fsdp2"
         if ckpt.is_sharded(path):
             if not fsdp2 or saved_world != dist.world_size:
-                raise ValueError(f"checkpoint {path} is an FSDP2 checkpoint sharded over {saved_world} processes: "
+                raise ckpt.CheckpointMismatchError(f"checkpoint {path} is an FSDP2 checkpoint sharded over {saved_world} processes: "
                                  f"resume it with distributed=fsdp2 on {saved_world} processes (this run: "
                                  f"{dist.mode} on {dist.world_size})")
             ckpt.load_sharded(path, model, alg.optimizer)
         else:
             if fsdp2:
-                raise ValueError(f"checkpoint {path} is not sharded: resume it with distributed=ddp")
-            with ckpt.reading(path, "the model weights"):
-                ckpt.load_model_weights(model, path)
+                raise ckpt.CheckpointMismatchError(f"checkpoint {path} is not sharded: resume it with distributed=ddp")
+            ckpt.load_model_weights(model, path)
             if alg.optimizer is not None:
-                with ckpt.reading(path, f"the optimiser state in {ckpt.STATE_FILE}"):
+                with ckpt.fitting(path, f"the optimiser state in {ckpt.STATE_FILE}"):
                     alg.optimizer.load_state_dict(state["optimizer"])
         if alg.scheduler is not None:
-            alg.scheduler.load_state_dict(state["scheduler"])
+            with ckpt.fitting(path, f"the scheduler state in {ckpt.STATE_FILE}"):
+                alg.scheduler.load_state_dict(state["scheduler"])
         self._reconcile_config(state.get("config") or {}, path)
         self.sampler.load_state_dict(state["sampler"])
         progress.step = int(state["step"])
         progress.history = list(state["history"])
         progress.num_tokens = int(state.get("num_tokens", 0))
-        alg.load_state_dict(state.get("extra", {}), path)
+        with ckpt.reading(path, "the algorithm's files"), ckpt.fitting(path, "the algorithm's state"):
+            alg.load_state_dict(state.get("extra", {}), path)
         if state.get("engine"):
             self.engine.load_state_dict(state["engine"])
         streams = state.get("batches")

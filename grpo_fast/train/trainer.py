@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..config import ConfigError, RLConfig
-from ..model import Policy, accepts_index_logits_to_keep, checked_fused_head, prepare_policy
+from ..model import Policy, Precision, accepts_index_logits_to_keep, checked_fused_head, prepare_policy
 from ..rewards import RewardRunner, prepare_reward_funcs
 from ..rollout import EngineSpec, PromptTemplate, RolloutEngine, SingleTurnProducer, build_engine
 from . import checkpoint as ckpt
@@ -81,9 +81,6 @@ class Trainer:
         ckpt.check_writable(cfg.output_dir)  # fails now, not after the model has loaded and a step has run
         # torchrun: join the process group (it lives until the process ends: train/distributed.py)
         self.dist = init_from_env(cfg.distributed, cfg.ddp_timeout)
-        if cfg.prompts_per_step % self.dist.world_size:
-            raise ConfigError(f"{cfg.prompts_per_step} prompts per step (the global batch) cannot be split evenly "
-                              f"over {self.dist.world_size} processes: make it a multiple of the world size")
         self.device = pick_device(cfg.device, self.dist)
         # the same seed on every rank until the policy is replicated: identical initialisation (LoRA...)
         self.rng = TrainerRNG(cfg.seed, self.device)
@@ -100,7 +97,7 @@ class Trainer:
         head = checked_fused_head(model, name="policy", dist=self.dist, index_logits_to_keep=index,
                                   check_ids=check_ids) if cfg.fused_lm_head else None
         self.policy = Policy(model, tokenizer, temperature=cfg.temperature, fused_head=head,
-                             index_logits_to_keep=index)
+                             index_logits_to_keep=index, precision=Precision.from_config(cfg, self.device))
         self.callbacks = Callbacks(callbacks, cfg, is_main=self.dist.is_main)
         funcs, names = prepare_reward_funcs(reward_funcs, device=self.device)
         self.rewards = RewardRunner(funcs, names, cfg.reward_weights, trainer_state=self.callbacks.state)
@@ -215,7 +212,7 @@ class Trainer:
                 epoch = self.sampler.epoch + self.sampler.position / self.sampler.size
                 stop = self.dist.any(self.callbacks.step_end(self, metrics, logged=logged, step=step, epoch=epoch,
                                                              num_tokens=self.num_tokens))
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+                if cfg.writes_checkpoints and cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                     self.save_checkpoint()
                 if stop:
                     stopped = True
@@ -223,12 +220,13 @@ class Trainer:
         finally:
             tracker.close()
         # reached only when no error was raised: a failing step never overwrites a checkpoint
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"checkpoint-{self.global_step}"):
+        if cfg.writes_checkpoints and (self.last_checkpoint is None
+                                       or not self.last_checkpoint.endswith(f"checkpoint-{self.global_step}")):
             self.save_checkpoint()
         if not stopped:
-            if cfg.save_final_model:
+            if cfg.writes_final_model:
                 self.save_final()
-            if cfg.plot and main:
+            if cfg.writes_plots and main:
                 self.write_plots()
         self.dist.barrier()  # no rank returns before rank 0 has written everything
 
@@ -242,8 +240,9 @@ class Trainer:
         with self.rng.scope():  # sampling and dropout draw from the trainer's random state
             batch, t_gen, sampling_metrics = self.batches.next(step)
             self.no_signal.check(batch, step)
-            batch = self.algorithm.prepare(batch, step)
-            update_metrics = self.algorithm.update(batch, step)
+            with self.policy.autocast():  # bf16 / fp16: every trainer forward (model/precision.py)
+                batch = self.algorithm.prepare(batch, step)
+                update_metrics = self.algorithm.update(batch, step)
             self.engine.sync_weights(self.model)
         self.progress.step = step
         self.last_batch = batch if cfg.log_completions else None  # for the completion log
