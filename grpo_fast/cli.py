@@ -31,7 +31,7 @@ from .rewards import RewardFunctionError, resolve_reward
 from .rollout import vllm_server
 from .train import CorruptCheckpointError, NonFiniteUpdateError
 from .train.plot import plot_run
-from .train.tracking import COMPLETIONS_FILE, format_completions, read_completions
+from .train.tracking import COMPLETIONS_FILE, format_completions, format_turns, read_completions
 
 # algorithm -> (module, trainer class); the trainer names its config class
 ALGORITHMS = {
@@ -212,7 +212,11 @@ def cmd_show(argv: List[str]) -> int:
     if step not in steps:
         raise CLIError(f"step {step}: no completions logged at it; logged steps: "
                        f"{', '.join(map(str, steps[:20]))}{' ...' if len(steps) > 20 else ''}")
-    print(format_completions([r for r in rows if r.get("step") == step], width=a.width))
+    shown = [r for r in rows if r.get("step") == step]
+    if any("messages" in r for r in shown):   # multi-turn: the turns, one message a line
+        print(format_turns(shown, width=max(a.width, 120)))
+    else:
+        print(format_completions(shown, width=a.width))
     return 0
 
 
