@@ -272,12 +272,12 @@ def test_failing_hanging_unknown_and_malformed_calls_go_back_to_the_model(model,
     while len(cancelled) < 2 and time.time() < deadline:
         time.sleep(0.01)
     assert sorted(cancelled) == [2, 2]                # the hung async calls were cancelled
-    import threading
-    t.close()                                         # the tools' loop and pool go with the trainer
-    deadline = time.time() + 5
-    while any(th.name.startswith("grpo_fast-tool") for th in threading.enumerate()) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not [th.name for th in threading.enumerate() if th.name.startswith("grpo_fast-tool")]
+    runner = t.producer.runner                        # the tools' loop and pool go with the trainer
+    threads = [runner._thread] + list(runner._pool._threads)
+    t.close()
+    for th in threads:                                # the slow sync call ends on its own, then its worker
+        th.join(timeout=5)
+    assert not [th.name for th in threads if th.is_alive()]
     # the step's metrics, TRL's names
     batch = t.rewards.score(batch, 1)
     from grpo_fast.train.metrics import rollout_metrics
