@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -25,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .algorithms import GRPOTrainer
 from .config import GRPOConfig
-from .demo import _CHARS, build_model
+from .demo import _CHARS, build_model, supervised_step, train_task
 
 __all__ = ["CHAT_TEMPLATE", "add", "answer_reward", "build_chat_tokenizer", "build_tools_demo", "run_tools_demo",
            "tools_config_defaults", "tools_dataset"]
@@ -146,12 +145,7 @@ def warmup(model, tokenizer, data, *, steps: int, tool_fraction: float, lr: floa
                         if ids[t] == end:
                             inside = False
         labels[enc["attention_mask"] == 0] = -100
-        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        out = model(**enc, position_ids=position_ids, labels=labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        loss_value = float(out.loss.detach())
+        loss_value = supervised_step(model, opt, enc, labels)
     model.eval()
     return loss_value
 
@@ -190,23 +184,10 @@ def build_tools_demo(seed: int = 0, *, warmup_steps: int = 240, tool_fraction: f
 
 def run_tools_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cls=None):
     """Warm up, train with the tool, plot, print a summary; returns the history."""
-    trainer_cls = trainer_cls or GRPOTrainer
     if config is None:
-        values = tools_config_defaults()
-        values.update(overrides or {})
-        config = GRPOConfig(**values)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("GRPO_FAST_DEMO_THREADS", "1")))
-    try:
-        t0 = time.perf_counter()
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        parts = build_tools_demo(config.seed, verbose=rank0)   # 4 heads of 32: vLLM's CPU attention runs it too
-        trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"], config=config,
-                              tokenizer=parts["tokenizer"], tools=parts["tools"])
-        history = trainer.train()
-        elapsed = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads_before)
+        config = GRPOConfig(**{**tools_config_defaults(), **(overrides or {})})
+    trainer, history, elapsed, rank0 = train_task(config, trainer_cls or GRPOTrainer,
+                                                  lambda verbose: build_tools_demo(config.seed, verbose=verbose))
     if rank0:
         rewards = [h["reward"] for h in history if "reward" in h]
         calls = [h["tools/call_frequency"] for h in history if "tools/call_frequency" in h]

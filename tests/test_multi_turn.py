@@ -13,10 +13,8 @@ import copy
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 
@@ -31,7 +29,7 @@ from grpo_fast.train import checkpoint as ckpt
 
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
-from steps import prepare, produce, score  # noqa: E402
+from steps import prepare, produce, score, vllm_server  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -621,24 +619,13 @@ def test_vllm_server_multi_turn(warm, tok, tmp_path):
     m.save_pretrained(path)
     tok.save_pretrained(path)
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "grpo_fast", "vllm-serve", "--model", path, "--host", "127.0.0.1",
-                               "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.25", "--num-threads", "1"],
-                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
+    with vllm_server(path, port, tmp_path / "server.log"):
         cfg = config(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port,
                      vllm_server_timeout=180.0, max_steps=1, per_device_train_batch_size=8, num_generations=4,
                      max_completion_length=96, max_tool_calling_iterations=2)
         t = GRPOTrainer(m, turn_reward, tools_dataset(8, seed=3), args=cfg, processing_class=tok, tools=[add])
         assert t.engine.name == "vllm-server"
         history = t.train()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     h = history[-1]
     assert h["tools/call_frequency"] > 0 and h["tools/turns"] > 1, h
     assert h["rollout_logp_diff_max"] <= 1e-4, (tmp_path / "server.log").read_text()[-3000:]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
+import os
+import sys
 
 import pytest
 import torch
@@ -22,59 +23,36 @@ trl = pytest.importorskip("trl", reason="TRL is the reference here (pip install 
 if not trl.__version__.startswith("1.16."):
     pytest.skip(f"written against TRL 1.16's loss, found trl {trl.__version__}", allow_module_level=True)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grpo_fast import GRPOConfig, GRPOTrainer  # noqa: E402
 from grpo_fast.config import loss_options  # noqa: E402
 from grpo_fast.rollout import Sample, collate  # noqa: E402
 from grpo_fast.train.advantages import engine_correction  # noqa: E402
+# test_trl_parity's tiny model, tokenizer and TRL trainer (B = 6 completions of at most T = 9 tokens, G = 2)
+from test_trl_parity import B, G, T, _grads, _trainer as _trl_trainer, assert_same_loss_and_gradients  # noqa: E402
+from test_trl_parity import parts as trl_parts  # noqa: E402,F401  (a fixture)
 
-P, G = 5, 2
-# per completion: (sampled, tool, sampled, tool, sampled) span lengths
-SPANS = [(3, 4, 2, 0, 0), (2, 3, 1, 2, 3), (1, 0, 0, 0, 0), (4, 2, 3, 0, 0), (2, 5, 2, 0, 0), (3, 1, 1, 1, 1)]
-B = len(SPANS)
+# per completion: (sampled, tool, sampled, tool, sampled) span lengths, T tokens at most
+SPANS = [(3, 4, 2, 0, 0), (2, 3, 1, 2, 1), (1, 0, 0, 0, 0), (4, 2, 3, 0, 0), (2, 5, 2, 0, 0), (3, 1, 1, 1, 1)]
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from datasets import Dataset
-
-    from grpo_fast.demo import build_model, build_tokenizer
-
-    tok = build_tokenizer()
-    model = build_model(tok, hidden_size=32, num_layers=2, seed=3)
-    g = torch.Generator().manual_seed(0)
-    V = model.config.vocab_size
-    prompts = torch.randint(4, V, (B // G, P), generator=g).repeat_interleave(G, 0).tolist()
+def parts(trl_parts):
+    """test_trl_parity's parts with a multi-turn batch: its prompts, completions with tool spans."""
+    g = torch.Generator().manual_seed(1)
+    V = trl_parts["model"].config.vocab_size
     samples = []
     for i, spans in enumerate(SPANS):
         ids, sampled = [], []
         for k, n in enumerate(spans):
             ids += torch.randint(4, V, (n,), generator=g).tolist()
             sampled += [1 - k % 2] * n
-        samples.append(Sample(prompt_ids=prompts[i], completion_ids=ids, sampled=sampled))
+        samples.append(Sample(prompt_ids=trl_parts["prompt_ids"][i].tolist(), completion_ids=ids, sampled=sampled))
     batch = collate(samples, prompts=["p"] * B, dataset_index=list(range(B)), columns={}, group_size=G,
-                    pad_token_id=tok.pad_token_id, device="cpu")
-    out = str(tmp_path_factory.mktemp("mt"))
-    return dict(tok=tok, model=model, batch=batch, noise=torch.randn(3, B, batch.completion_ids.shape[1], generator=g),
-                advantages=torch.tensor([1.1, -1.1, 0.3, -0.3, -0.8, 0.8]), data=Dataset.from_list([{"prompt": "1+2="}] * 8),
-                out=out)
-
-
-def _trl_trainer(parts, kw):
-    from trl import GRPOConfig as TRLConfig, GRPOTrainer as TRLTrainer
-
-    kw = dict(kw)
-    beta = kw.pop("beta", 0.0)
-    T = parts["batch"].completion_ids.shape[1]
-    args = TRLConfig(output_dir=parts["out"], use_cpu=True, report_to="none", bf16=False, save_strategy="no",
-                     per_device_train_batch_size=B, num_generations=G, max_completion_length=T, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t = TRLTrainer(model=copy.deepcopy(parts["model"]), reward_funcs=lambda completions, **_: [0.0] * len(completions),
-                       args=args, train_dataset=parts["data"], processing_class=parts["tok"])
-    t.beta = beta
-    t.current_gradient_accumulation_steps = 1
-    t.model.train()
-    return t
+                    pad_token_id=trl_parts["tok"].pad_token_id, device="cpu")
+    assert batch.completion_ids.shape[1] == T
+    return dict(trl_parts, batch=batch, noise=torch.randn(3, B, T, generator=g),
+                advantages=torch.tensor([1.1, -1.1, 0.3, -0.3, -0.8, 0.8]))
 
 
 CASES = {
@@ -96,10 +74,6 @@ def _trl_is_ratio(mode, old, sampling, mask, lo, hi):
     if mode.endswith("truncate"):
         return ratio.clamp(min=lo, max=hi)
     return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
-
-
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -162,13 +136,7 @@ def test_multi_turn_loss_and_gradients_match_trl_with_tool_mask(parts, name, tmp
     out.loss.backward()
     our_grads = _grads(policy.model)
 
-    assert abs(out.loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), (out.loss.item(), trl_loss.item())
-    assert set(our_grads) == set(trl_grads)
-    largest = max(g.abs().max().item() for g in trl_grads.values())
-    assert largest > 0
-    for pname, g in trl_grads.items():
-        err = (our_grads[pname] - g).abs().max().item()
-        assert err <= 1e-4 * largest, (name, pname, err, largest)
+    assert_same_loss_and_gradients(name, out.loss, trl_loss, our_grads, trl_grads)
     # TRL's logged entropy is over the same tokens (completion_mask * tool_mask)
     logged = trl_trainer._metrics["train"]
     assert abs(out.entropy.item() - logged["entropy"][-1]) <= 1e-5 * max(1.0, logged["entropy"][-1])
