@@ -557,17 +557,25 @@ def turn_reward(completions, **_):
 
 
 def test_hf_engine_multi_turn_with_evaluation_dynamic_sampling_and_the_completion_log(warm, tok, tmp_path, capsys):
+    """Sampled for real (HF generate), with an async reward, dynamic sampling (the kept groups of
+    several rounds concatenated), evaluation, the completion log and `grpo-fast show`."""
     from grpo_fast.demo_tools import tools_dataset
+
+    async def messages(completions, **_):
+        await asyncio.sleep(0)
+        return turn_reward(completions)
 
     data = tools_dataset(16, seed=1)
     cfg = config(tmp_path, max_steps=2, per_device_train_batch_size=8, num_generations=4, max_completion_length=96,
                  dynamic_sampling=True, dynamic_sampling_max_batches=2, eval_strategy="steps", eval_steps=1,
                  per_device_eval_batch_size=8, log_completions=True, max_tool_calling_iterations=2)
-    t = GRPOTrainer(copy.deepcopy(warm), first_sum, data, args=cfg, processing_class=tok, tools=[add],
+    t = GRPOTrainer(copy.deepcopy(warm), messages, data, args=cfg, processing_class=tok, tools=[add],
                     eval_dataset=tools_dataset(4, seed=2))
     history = t.train()
     last = history[-1]
     assert last["tools/call_frequency"] > 0 and "eval_tools/call_frequency" in last
+    assert all(h["dynamic_sampling/groups_trained"] == 2 and h["frac_reward_zero_std"] == 0 for h in history[1:])
+    assert any(h.get("dynamic_sampling/rounds", 0) > 1 for h in history)    # rounds concatenated
     rows = [json.loads(x) for x in open(tmp_path / "run" / "completions.jsonl")]
     multi = [r for r in rows if "messages" in r]
     assert multi, "no sample called the tool"
