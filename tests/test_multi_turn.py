@@ -466,6 +466,19 @@ def test_trl_patches_qwen3s_template(tok):
     assert turns.chat_template == trl_templates.qwen3_training_chat_template
     suffix = qwen3.decode(turns.tool_suffix([{"role": "tool", "name": "f", "content": "7"}]))
     assert suffix == "\n<|im_start|>user\n<tool_response>\n7\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    # the tokenizer's own response parsing (TRL sets Qwen3's response template): arguments typed by
+    # the tool's schema; a call it cannot read is still a (malformed) call
+    from grpo_fast.rollout import parse_turn
+
+    trl_templates.add_response_schema(qwen3)
+    prompt = turns.prompt_ids(user("3+4?"), [add])
+    enc = lambda text: qwen3(text, add_special_tokens=False)["input_ids"]   # noqa: E731
+    message, calls = parse_turn(qwen3, enc('<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": "4"}}\n'
+                                           '</tool_call><|im_end|>'), prefix=prompt, tools=[add])
+    assert message["tool_calls"] == [{"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}}]
+    _, calls = parse_turn(qwen3, enc('<tool_call>\n{"name": "add", "arguments": {a: 3}}\n</tool_call><|im_end|>'),
+                          prefix=prompt, tools=[add])
+    assert calls[0].error.startswith("malformed tool call: not JSON")
     # Qwen2.5's template is prefix-preserving as it is
     qwen25 = copy.deepcopy(tok)
     qwen25.chat_template = trl_templates.qwen2_5_chat_template

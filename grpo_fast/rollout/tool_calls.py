@@ -125,7 +125,9 @@ def _from_template(tokenizer, ids, prefix, tools) -> Tuple[Dict[str, Any], List[
         else:
             f = c.get("function", c)
             calls.append(_checked(f.get("name"), f.get("arguments")))
-    message: Dict[str, Any] = {"role": "assistant", "content": content}
+    # what else the parser found (the reasoning, say) stays in the message
+    message: Dict[str, Any] = {**{k: v for k, v in parsed.items() if k != "tool_calls"}, "role": "assistant",
+                               "content": content}
     good = [c.message() for c in calls if c.error is None]
     if good:
         message["tool_calls"] = good
