@@ -53,7 +53,7 @@ def run_one(engine: str, threads: int, args) -> dict:
 
     torch.set_num_threads(threads)
     import bench_rollout
-    from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+    from grpo_fast import GRPOConfig, GRPOTrainer
 
     model = bench_rollout.build_model("float32").train()
     V = model.config.vocab_size

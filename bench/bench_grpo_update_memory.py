@@ -7,7 +7,7 @@ kept, no EOS) after a 16-token prompt, fixed rewards 0/1 alternating (one group 
 loss "dapo", num_iterations 1, one micro-batch of 16 (per_device_train_batch_size=16 for both),
 AdamW, max_grad_norm 1.0. One update = forward + backward + clip + optimizer step.
 
-- ours:    GRPOTrainer.update(batch) on a hand-built Rollout (advantages from compute_advantages).
+- ours:    the GRPO algorithm's update(batch) on a hand-built Rollout (advantages from its prepare).
 - TRL:     GRPOTrainer.compute_loss(model, inputs) + backward + clip + optimizer step, with `inputs`
            shaped as `_generate_and_score_completions` returns them (prompt_ids, prompt_mask,
            completion_ids, completion_mask, advantages, num_items_in_batch). TRL 1.16 patches its
@@ -103,21 +103,23 @@ def child(provider: str, args) -> dict:
                   gradient_checkpointing=False, report_to="none", disable_tqdm=True, seed=0)
 
     if provider.startswith("ours"):
-        from grpo_fast.trainer import GRPOConfig, GRPOTrainer
-        from grpo_fast.trainer.rollout import Rollout
+        from grpo_fast import GRPOConfig, GRPOTrainer
+        from grpo_fast.rollout import Rollout
 
         cfg = GRPOConfig(output_dir=out_dir, max_steps=args.updates, save_steps=0, plot=False, save_final_model=False,
                          max_prompt_length=P, fused_lm_head=provider == "ours_fused", **common)
         trainer = GRPOTrainer(model, [reward_fn], dataset, config=cfg, tokenizer=tok)
         batch = Rollout(prompts=["1+1="] * N, completions=[""] * N, dataset_index=list(range(N)), columns={},
-                        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                        completion_mask=completion_mask, truncated=torch.ones(N, dtype=torch.bool), group_size=N)
-        batch = trainer.compute_advantages(batch.with_fields(rewards=rewards, rewards_per_func=rewards[:, None]))
-        active = getattr(trainer, "fused_head", None) is not None  # False: it fell back to logits
+                        prompt_ids=prompt_ids, prompt_attention=prompt_mask, completion_ids=completion_ids,
+                        completion_attention=completion_mask, sampled_mask=completion_mask,
+                        finish_reasons=["length"] * N, group_ids=torch.zeros(N, dtype=torch.long), group_size=N)
+        batch = batch.with_fields(rewards=rewards, rewards_per_func=rewards[:, None]).with_loss_mask()
+        batch = trainer.algorithm.prepare(batch, 1)
+        active = trainer.policy.fused_head is not None  # False: it fell back to logits
         note = f"fused_lm_head={cfg.fused_lm_head}" + ("" if active == cfg.fused_lm_head else ", FELL BACK to logits")
 
         def update():
-            trainer.update(batch)
+            trainer.algorithm.update(batch, 1)
     else:
         import trl
         from datasets import Dataset

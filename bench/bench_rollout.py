@@ -59,22 +59,22 @@ def run_one(engine: str, threads: int, dtype: str, num_prompts: int, n: int, pro
     import torch
 
     torch.set_num_threads(threads)
-    from grpo_fast.trainer.engine import HFEngine, SamplingSettings
+    from grpo_fast.rollout import HFEngine, SamplingSettings
 
     model = build_model("float32" if engine.startswith("vllm") else dtype, **model_overrides)
     V = model.config.vocab_size
     prompts = make_prompts(num_prompts, prompt_len, V)
-    settings = SamplingSettings(n=n, max_tokens=new_tokens, temperature=1.0)
+    settings = SamplingSettings(max_tokens=new_tokens, temperature=1.0)
+    prompts = [p for p in prompts for _ in range(n)]   # each prompt n times, as the producer hands them over
     t0 = time.perf_counter()
     if engine == "hf":
         eng = HFEngine(model, eos_token_id=V - 1, pad_token_id=0, device=torch.device("cpu"))
     else:
-        import tempfile
 
         from transformers import PreTrainedTokenizerFast
         from tokenizers import Tokenizer, models
 
-        from grpo_fast.trainer.vllm_engine import VLLMColocateEngine, VLLMOptions
+        from grpo_fast.rollout import VLLMColocateEngine, VLLMOptions
         vocab = {f"t{i}": i for i in range(V)}
         tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
                                       pad_token="t0", eos_token=f"t{V - 1}", unk_token="t1")

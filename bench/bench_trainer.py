@@ -42,7 +42,7 @@ def trl_status():
 
 
 def run_ours(parts, steps: int, out_dir: str, seed: int = 0, fused_lm_head: bool = True):
-    from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+    from grpo_fast import GRPOConfig, GRPOTrainer
 
     cfg = GRPOConfig(output_dir=out_dir, max_steps=steps, lr_scheduler_type="constant", logging_steps=1,
                      save_steps=0, disable_tqdm=True, report_to="none", plot=False, save_final_model=False,

@@ -24,7 +24,7 @@ import torch
 
 from grpo_fast import demo
 from grpo_fast.rewards import accuracy_reward, soft_overlong_punishment
-from grpo_fast.trainer import GRPOConfig, GRPOTrainer
+from grpo_fast import GRPOConfig, GRPOTrainer
 
 PRESETS = {
     "grpo": dict(loss_type="grpo", epsilon=0.2),

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from grpo_fast import cli, demo
 from grpo_fast import GRPOConfig

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from grpo_fast import cli
-from grpo_fast.ops import policy_loss, selective_log_softmax
+from grpo_fast.ops import policy_loss
 from grpo_fast.rewards import accuracy_reward, soft_overlong_punishment
 from grpo_fast import ConfigError, GRPOConfig, GRPOTrainer
 from grpo_fast.rl import informative_groups

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-from grpo_fast import demo
 from grpo_fast.rl import AdaptiveKLController, masked_whiten, token_rewards
 from grpo_fast import PPOConfig, PPOTrainer
 from grpo_fast.rewards import accuracy_reward

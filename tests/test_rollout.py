@@ -15,7 +15,7 @@ from grpo_fast.rl import ESTIMATORS, group_advantages, register_estimator, token
 from grpo_fast.rollout import (ENGINES, EngineSpec, Generation, HFEngine, RolloutEngine, Sample, SamplingSettings,
                                build_engine, collate, concat_rollouts, engine_name)
 from grpo_fast.train.advantages import engine_correction
-from steps import next_batch, prepare, produce, score, update
+from steps import next_batch, prepare, produce, update
 
 NAN = float("nan")
 

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from grpo_fast import demo
 from grpo_fast import ConfigError, GRPOConfig, GRPOTrainer, RewardFunctionError
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.rewards import accuracy_reward

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import textwrap
 
 import pytest

@@ -19,7 +19,6 @@ trainer is built with beta = 0 (so it loads no model from a hub) and its beta is
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest

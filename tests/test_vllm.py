@@ -133,6 +133,32 @@ def test_colocate_generate_logprobs_match_hf(engine, policy, prompts):
     assert len({tuple(c) for c in gen.completion_ids[-4:]}) > 1
 
 
+def test_colocate_stop_tokens_and_strings(engine, policy, prompts):
+    """Stop token ids end a completion at the token (kept, finish "stop", the id as stop reason);
+    a stop string ends it once its text holds the string (kept in the ids)."""
+    tok, model, _ = policy
+    digits = tok.convert_tokens_to_ids(list("0123456789"))
+    n = 4
+    s = SamplingSettings(max_tokens=6, temperature=1.0, stop_token_ids=tuple(digits))
+    gen = engine.generate(expand(prompts, n), s, seed=21)
+    for ids, reason, why in zip(gen.completion_ids, gen.finish_reasons, gen.stop_reasons):
+        if why is not None:
+            assert reason == "stop" and ids[-1] == why and why in digits and not set(ids[:-1]) & set(digits)
+    assert any(w in digits for w in gen.stop_reasons)
+    assert max_diff(hf_logprobs(model, prompts, n, gen), gen) <= TOL      # log-probs still those sampled
+    s = SamplingSettings(max_tokens=6, temperature=1.3, stop=("1",))
+    gen = engine.generate(expand(prompts, 8), s, seed=22)
+    hits = 0
+    for ids, reason, why in zip(gen.completion_ids, gen.finish_reasons, gen.stop_reasons):
+        text = tok.decode(ids)
+        if why == "1":
+            hits += 1
+            assert reason == "stop" and text.endswith("1") and "1" not in text[:-1]
+        else:
+            assert "1" not in text
+    assert hits > 0
+
+
 def test_colocate_truncated_sampling_logprobs_are_renormalised(engine, policy, prompts):
     """TRL #6789: with top-k the engine's log-probs are those of the truncated, renormalised
     distribution it sampled from; the trainer's log_softmax(logits / T) is lower by -log(mass kept)."""

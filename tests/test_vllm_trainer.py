@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from grpo_fast import cli, demo
 from grpo_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer

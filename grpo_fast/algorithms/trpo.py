@@ -31,7 +31,7 @@ import torch
 from ..config import ConfigError, TRPOConfig
 from ..model import Critic
 from ..ops import selective_log_softmax
-from ..rl import masked_mean, trpo_step
+from ..rl import trpo_step
 from ..rollout import Rollout
 from ..train.advantages import gae_advantages, global_group_advantages
 from ..train.algorithm import Algorithm, AlgorithmContext, micro_batches
