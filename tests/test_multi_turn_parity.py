@@ -64,6 +64,10 @@ CASES = {
     "top_entropy": dict(loss_type="dapo", top_entropy_quantile=0.5),
     "is_token_truncate": dict(loss_type="dapo", _is="token_truncate"),
     "is_sequence_mask": dict(loss_type="grpo", beta=0.04, _is="sequence_mask"),
+    # the engine's log-probs reach the loss too: NaN on tool tokens here, 0 there in TRL's tool loop
+    "off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.02, _sampling=True),
+    "everything_sapo": dict(loss_type="sapo", beta=0.04, top_entropy_quantile=0.4, off_policy_mask_threshold=0.02,
+                            entropy_coef=0.01, _sampling=True),
 }
 
 
@@ -80,6 +84,7 @@ def _trl_is_ratio(mode, old, sampling, mask, lo, hi):
 def test_multi_turn_loss_and_gradients_match_trl_with_tool_mask(parts, name, tmp_path):
     case = dict(CASES[name])
     is_mode = case.pop("_is", None)
+    use_sampling = case.pop("_sampling", False)
     trl_trainer = _trl_trainer(parts, case)
     if is_mode:  # as GRPOTrainer(use_vllm=True, vllm_importance_sampling_correction=True) has them
         trl_trainer.use_vllm, trl_trainer.vllm_importance_sampling_correction = True, True
@@ -121,6 +126,8 @@ def test_multi_turn_loss_and_gradients_match_trl_with_tool_mask(parts, name, tmp
         inputs["ref_per_token_logps"] = ref
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio
+    if use_sampling:
+        inputs["sampling_per_token_logps"] = torch.nan_to_num(sampling * mask, nan=0.0)   # TRL: 0 off the sampled
     model = trl_trainer.model
     model.zero_grad(set_to_none=True)
     trl_loss = trl_trainer._compute_loss(model, inputs)
@@ -130,7 +137,8 @@ def test_multi_turn_loss_and_gradients_match_trl_with_tool_mask(parts, name, tmp
     policy = ours.policy
     policy.model.zero_grad(set_to_none=True)
     options = loss_options(cfg, entropy_coef=cfg.entropy_coef, num_items_in_batch=ours.dist.token_normaliser(mask),
-                           gradient_accumulation_steps=1, importance_weights=is_ratio)
+                           gradient_accumulation_steps=1, importance_weights=is_ratio,
+                           sampling_logps=scored.sampling_logps if use_sampling else None)
     out = policy.loss(policy.wrapped, scored, slice(None), parts["advantages"], scored.loss_mask, options,
                       old_logps=old, ref_logps=ref if cfg.beta else None)
     out.loss.backward()
