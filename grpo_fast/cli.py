@@ -1,6 +1,7 @@
 """Command line: `grpo-fast train` and `grpo-fast plot`.
 
     grpo-fast train                                  # the built-in demo task, offline, a few minutes on CPU
+    grpo-fast train --task tools                     # the built-in multi-turn task: a calculator tool (docs/multi_turn.md)
     grpo-fast train --config run.yaml --max_steps 200 --learning_rate 1e-6
     grpo-fast train --algorithm grpo --model ./my-model --dataset_path prompts.jsonl \\
                     --reward_funcs accuracy format --reward_weights 1.0 0.2
@@ -24,13 +25,13 @@ import time
 import typing
 from typing import Any, Dict, List, Optional
 
-from . import demo
+from . import demo, demo_tools
 from .config import TRL_ALIASES, TRL_REFUSED, ConfigError, load_yaml
 from .rewards import RewardFunctionError, resolve_reward
 from .rollout import vllm_server
 from .train import CorruptCheckpointError, NonFiniteUpdateError
 from .train.plot import plot_run
-from .train.tracking import COMPLETIONS_FILE, format_completions, read_completions
+from .train.tracking import COMPLETIONS_FILE, format_completions, format_turns, read_completions
 
 # algorithm -> (module, trainer class); the trainer names its config class
 ALGORITHMS = {
@@ -147,18 +148,37 @@ def cmd_train(argv: List[str]) -> int:
     return _train(argv)
 
 
+# the built-in tasks (no --model): --task NAME -> (config defaults, run function)
+TASKS = {"addition": (demo.demo_config_defaults, demo.run_demo),
+         "tools": (demo_tools.tools_config_defaults, demo_tools.run_tools_demo)}
+
+
+def _pop_task(argv: List[str]):
+    """(--task value or None, argv without it)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task", default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.task is not None and known.task not in TASKS:
+        raise CLIError(f"--task {known.task!r}: expected one of {', '.join(TASKS)}")
+    return known.task, rest
+
+
 def _train(argv: List[str]) -> int:
+    task, argv = _pop_task(argv)
     algorithm, config_cls, trainer_cls, values = parse_train_args(argv)
     if values.get("model_name_or_path") is None:
-        defaults = {k: v for k, v in demo.demo_config_defaults().items()
+        defaults_of, run = TASKS[task or "addition"]
+        defaults = {k: v for k, v in defaults_of().items()
                     if k in config_cls.field_names() and k not in config_cls.UNUSED_FIELDS}
         defaults.update(values)
         config = config_cls.from_dict(defaults, source="command line")
         if _is_rank0():
-            print(f"[grpo-fast] no --model given: running the built-in demo task ({algorithm}) "
+            print(f"[grpo-fast] no --model given: running the built-in {task or 'demo'} task ({algorithm}) "
                   f"into {config.output_dir}")
-        demo.run_demo(config, trainer_cls=trainer_cls)
+        run(config, trainer_cls=trainer_cls)
         return 0
+    if task is not None:
+        raise CLIError("--task picks a built-in task, which brings its own model: drop --model or --task")
     config = config_cls.from_dict(values, source="command line")
     if not config.dataset_path:
         raise ConfigError("dataset_path: needed with --model (a .json/.jsonl file or a datasets directory)")
@@ -206,14 +226,18 @@ def cmd_show(argv: List[str]) -> int:
     if step not in steps:
         raise CLIError(f"step {step}: no completions logged at it; logged steps: "
                        f"{', '.join(map(str, steps[:20]))}{' ...' if len(steps) > 20 else ''}")
-    print(format_completions([r for r in rows if r.get("step") == step], width=a.width))
+    shown = [r for r in rows if r.get("step") == step]
+    if any("messages" in r for r in shown):   # multi-turn: the turns, one message a line
+        print(format_turns(shown, width=max(a.width, 120)))
+    else:
+        print(format_completions(shown, width=a.width))
     return 0
 
 
 USAGE = """usage: grpo-fast {train,plot,show} ...
 
-  train [--config FILE.yaml] [--algorithm grpo|ppo|trpo] [--FIELD VALUE ...]
-        train a model (no --model: the built-in demo task); `grpo-fast train --help` lists the fields
+  train [--config FILE.yaml] [--algorithm grpo|ppo|trpo] [--task addition|tools] [--FIELD VALUE ...]
+        train a model (no --model: the built-in task, addition or tools); `grpo-fast train --help` lists the fields
   plot RUN_DIR [--out DIR]
         write PNG plots of RUN_DIR/metrics.jsonl
   show RUN_DIR [--step N]

@@ -54,12 +54,13 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+def build_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+                max_position_embeddings: int = 64):
     """A tiny Llama (about 70k parameters at the defaults) from a config, randomly initialised."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=64, tie_word_embeddings=True,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -114,14 +115,20 @@ def warmup(model, tokenizer, data, *, steps: int = 60, teacher_accuracy: float =
         for r, plen in enumerate(prompt_lens):
             pad = width - int(enc["attention_mask"][r].sum())
             labels[r, : pad + plen] = -100  # learn the answer only
-        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        out = model(**enc, position_ids=position_ids, labels=labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        loss_value = float(out.loss.detach())
+        loss_value = supervised_step(model, opt, enc, labels)
     model.eval()
     return loss_value
+
+
+def supervised_step(model, opt, enc, labels) -> float:
+    """One optimiser step of next-token loss on `labels` (-100: not learnt), positions as under
+    left padding; returns the loss."""
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    out = model(**enc, position_ids=position_ids, labels=labels)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    return float(out.loss.detach())
 
 
 def demo_config_defaults() -> Dict[str, Any]:
@@ -182,13 +189,10 @@ def build_demo(seed: int = 0, *, warmup_steps: int = 60, teacher_accuracy: float
             "reward_funcs": [accuracy_reward]}
 
 
-def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cls=None):
-    """Warm up, train (GRPO unless another trainer class is given), plot, print a summary; returns the history."""
-    trainer_cls = trainer_cls or GRPOTrainer
-    if config is None:
-        values = demo_config_defaults()
-        values.update(overrides or {})
-        config = GRPOConfig(**values)
+def train_task(config, trainer_cls, build):
+    """Train a built-in task: its parts from build(verbose) (model, tokenizer, train_dataset,
+    reward_funcs, and eval_dataset / tools when it has them), the trainer, train(), with one
+    intra-op thread. -> (trainer, history, seconds including the build, is rank 0)."""
     # The model is tiny: a second intra-op thread buys little, and on a busy shared machine two
     # spinning OpenMP threads per process can make every step 10-50x slower. One thread is also
     # what makes the run reproducible from machine to machine. GRPO_FAST_DEMO_THREADS overrides;
@@ -198,15 +202,25 @@ def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cl
     try:
         t0 = time.perf_counter()
         rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-        # vLLM's CPU attention needs head_dim >= 32: 2 heads of 32 instead of 4 of 16 with use_vllm
-        parts = build_demo(config.seed, verbose=rank0, holdout=True,
-                           num_heads=2 if getattr(config, "use_vllm", False) else 4)
-        trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"],
-                              config=config, tokenizer=parts["tokenizer"], eval_dataset=parts["eval_dataset"])
+        parts = build(rank0)
+        extra = {k: parts[k] for k in ("eval_dataset", "tools") if parts.get(k) is not None}
+        trainer = trainer_cls(parts["model"], parts["reward_funcs"], parts["train_dataset"], config=config,
+                              tokenizer=parts["tokenizer"], **extra)
         history = trainer.train()
-        elapsed = time.perf_counter() - t0
+        return trainer, history, time.perf_counter() - t0, rank0
     finally:
         torch.set_num_threads(threads_before)
+
+
+def run_demo(config=None, overrides: Optional[Dict[str, Any]] = None, trainer_cls=None):
+    """Warm up, train (GRPO unless another trainer class is given), plot, print a summary; returns the history."""
+    if config is None:
+        config = GRPOConfig(**{**demo_config_defaults(), **(overrides or {})})
+    # vLLM's CPU attention needs head_dim >= 32: 2 heads of 32 instead of 4 of 16 with use_vllm
+    heads = 2 if getattr(config, "use_vllm", False) else 4
+    trainer, history, elapsed, rank0 = train_task(
+        config, trainer_cls or GRPOTrainer,
+        lambda verbose: build_demo(config.seed, verbose=verbose, holdout=True, num_heads=heads))
     rewards = [h["reward"] for h in history if "reward" in h]
     if not rank0:
         return history

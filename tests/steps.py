@@ -1,4 +1,10 @@
-"""The pieces of one training step, for tests that look inside a step (trainer internals)."""
+"""The pieces of one training step, for tests that look inside a step (trainer internals), and a
+vLLM server process for the server-mode tests."""
+import contextlib
+import os
+import subprocess
+import sys
+
 import torch
 
 from grpo_fast.train.batches import sampling_settings
@@ -68,3 +74,23 @@ def make_rollout(prompt_ids, prompt_attention, completion_ids, completion_attent
                   finish_reasons=["stop"] * N, group_ids=torch.arange(N))
     values.update(fields)
     return Rollout(**values)
+
+
+@contextlib.contextmanager
+def vllm_server(path, port, log_path):
+    """`grpo-fast vllm-serve` of the model directory `path` on 127.0.0.1:port (fp32, a small KV
+    cache, one thread), its output in log_path; stopped (killed if it does not stop) on exit."""
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "grpo_fast", "vllm-serve", "--model", str(path), "--host",
+                               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.25",
+                               "--num-threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

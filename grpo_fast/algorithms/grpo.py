@@ -188,6 +188,8 @@ class GRPOTrainer(Trainer):
             called after every step (True stops training).
         engine: a grpo_fast.rollout.RolloutEngine (default: the one config.engine / use_vllm names).
         eval_dataset: held-out prompts for eval_strategy="steps".
+        tools, environment_factory, rollout_func: multi-turn rollouts with TRL's meanings (tool
+            functions; an environment class or {name: class}; a custom rollout): docs/multi_turn.md.
     """
 
     config_class = GRPOConfig

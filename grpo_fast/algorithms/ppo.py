@@ -214,7 +214,8 @@ class PPOTrainer(Trainer):
 
     Args:
         model, reward_funcs, train_dataset, tokenizer, ref_model, peft_config, callbacks, engine,
-            eval_dataset: as GRPOTrainer (the reference is the PEFT base with the adapter disabled).
+            eval_dataset, tools, environment_factory, rollout_func: as GRPOTrainer (the reference is the
+            PEFT base with the adapter disabled).
         config: PPOConfig.
         value_model: the critic: a ValueModel, a transformers model (its trunk gets a fresh head,
             used as is), or a local path / hub id; default (and config.value_model None): a copy of the

@@ -232,8 +232,9 @@ class TRPOTrainer(Trainer):
     """Trust Region Policy Optimization (Schulman et al. 2015) for causal LMs.
 
     Args:
-        model, reward_funcs, train_dataset, tokenizer, peft_config, callbacks, engine, eval_dataset:
-            as GRPOTrainer (with peft_config only the adapter moves; the Fisher products are over it).
+        model, reward_funcs, train_dataset, tokenizer, peft_config, callbacks, engine, eval_dataset, tools,
+            environment_factory, rollout_func: as GRPOTrainer (with peft_config only the adapter moves; the
+            Fisher products are over it).
         config: TRPOConfig.
         value_model: the critic with advantage_estimator="gae" (a ValueModel, a transformers model
             whose trunk gets a fresh head, or a local path / hub id); default: a copy of the policy.

@@ -119,6 +119,11 @@ class RLConfig(metaclass=_AcceptsTRLNames):
     """DAPO dynamic sampling (verl's filter_groups): drop groups whose rewards are all equal and sample more prompts until the step is full."""
     dynamic_sampling_max_batches: int = 10
     """dynamic_sampling: at most this many generation rounds per step (0: no limit); when hit, train on the groups there are."""
+    # --- multi-turn: tools and environments (the trainer's tools= / environment_factory=; docs/multi_turn.md)
+    max_tool_calling_iterations: Optional[int] = None
+    """Rounds of tool calls per completion at most (each runs a turn's calls and samples the next turn); None: until a turn makes no call or max_completion_length (which counts tool tokens too) is reached."""
+    tool_call_timeout: Optional[float] = 60.0
+    """Seconds one tool call may take; a call that takes longer gets a timeout error as its tool message (None: no limit)."""
     # --- rollout engine: by name, or vLLM with TRL's names and defaults (docs/vllm.md)
     engine: Optional[str] = None
     """Rollout engine by name: hf, vllm-colocate, vllm-server, or a registered / module:factory one (docs/extending.md); None: from use_vllm and vllm_mode."""
@@ -264,6 +269,10 @@ class RLConfig(metaclass=_AcceptsTRLNames):
             raise ConfigError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit={self.save_total_limit!r}: must be >= 1 or None")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations!r}: must be >= 0 or None")
+        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
+            raise ConfigError(f"tool_call_timeout={self.tool_call_timeout!r}: must be > 0 or None")
         for name in ("eval_steps", "num_generations_eval", "num_completions_to_print"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1 or None")

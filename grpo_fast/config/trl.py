@@ -139,7 +139,6 @@ TRL_REFUSED: Dict[str, Any] = {
     "sync_ref_model": (_OFF, "the reference model is fixed"),
     "ref_model_mixup_alpha": ((0.6, None), "the reference model is fixed"),
     "ref_model_sync_steps": ((512, None), "the reference model is fixed"),
-    "max_tool_calling_iterations": (_OFF, "tool calling is not supported"),
     "log_multimodal": ((True, False, None), "text models only"),
     "log_unique_prompts": (_OFF, "not supported"),
     "log_completions_hub_repo": (_OFF, "no hub access"),

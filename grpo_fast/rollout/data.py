@@ -78,6 +78,8 @@ class Rollout:
     old_logps: Optional[torch.Tensor] = None          # (N, T)
     importance_weights: Optional[torch.Tensor] = None  # (N, T) or (N, 1) engine-mismatch IS weights (vLLM)
     ref_logps: Optional[torch.Tensor] = None          # (N, T)
+    sample_stats: Optional[Dict[str, List[float]]] = None  # per-sample counts a producer reports (multi-turn:
+    #                                                    tool_calls, tool_failures, turns, tool_seconds)
     extras: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -144,7 +146,7 @@ class Rollout:
 
 def collate(samples: Sequence[Sample], *, prompts: List[Any], dataset_index: List[int],
             columns: Dict[str, List[Any]], group_size: int, pad_token_id: int, device,
-            first_group_id: int = 0) -> Rollout:
+            first_group_id: int = 0, sample_stats: Optional[Dict[str, List[float]]] = None) -> Rollout:
     """The padded layout of `samples` (consecutive groups of `group_size`)."""
     p_ids, p_attn = left_pad([s.prompt_ids for s in samples], pad_token_id, device)      # (N, P)
     ids_list = [list(s.completion_ids) for s in samples]
@@ -167,7 +169,8 @@ def collate(samples: Sequence[Sample], *, prompts: List[Any], dataset_index: Lis
                    columns=columns, prompt_ids=p_ids, prompt_attention=p_attn, completion_ids=c_ids,
                    completion_attention=attention, sampled_mask=sampled,
                    finish_reasons=[s.finish_reason for s in samples], group_ids=group_ids, group_size=group_size,
-                   completion_ids_list=ids_list, sampling_logps=logps, policy_versions=versions)
+                   completion_ids_list=ids_list, sampling_logps=logps, policy_versions=versions,
+                   sample_stats=sample_stats)
 
 
 # how each (N, W) tensor field is padded to a common width when rollouts are concatenated:

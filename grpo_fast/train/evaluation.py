@@ -8,6 +8,7 @@ from typing import Dict
 import torch
 
 from .batches import eval_settings
+from .metrics import tool_metrics
 
 __all__ = ["Evaluator"]
 
@@ -41,7 +42,7 @@ class Evaluator:
         settings, k = eval_settings(cfg)
         per_batch = max(1, cfg.per_device_eval_batch_size // k)
         n = len(self.dataset)
-        rewards, per_func, lengths = [], [], []
+        rewards, per_func, lengths, stats = [], [], [], {}
         with self.rng.forked(cfg.seed * 1_000_003 + step), _engine_state_kept(self.producer.engine):
             for start in range(0, n, per_batch):
                 indices = list(range(start, min(n, start + per_batch)))
@@ -49,7 +50,9 @@ class Evaluator:
                 batch = self.rewards.score(batch, step, record=False)
                 rewards.append(batch.rewards.double())
                 per_func.append(batch.rewards_per_func.double())
-                lengths.append(batch.completion_attention.sum(1).double().cpu())
+                lengths.append(batch.sampled_mask.sum(1).double().cpu())   # the policy's tokens, as in training
+                for key, values in (batch.sample_stats or {}).items():
+                    stats.setdefault(key, []).extend(values)
         r, pf, lengths = torch.cat(rewards), torch.cat(per_func), torch.cat(lengths)
         ok = ~torch.isnan(r)
         m: Dict[str, float] = {"eval_reward": float(r[ok].mean()) if ok.any() else math.nan}
@@ -57,6 +60,8 @@ class Evaluator:
             col = pf[:, j][~torch.isnan(pf[:, j])]
             m[f"eval_rewards/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
         m["eval_completion_length"] = float(lengths.mean())
+        if stats:  # multi-turn: this rank's tool metrics (rank 0's are logged)
+            m.update(tool_metrics(stats, prefix="eval_"))
         if k > 1:  # a prompt passes when one of its k completions has a total reward > 0
             passed = (torch.nan_to_num(r, nan=0.0) > 0).view(-1, k).any(1)
             m[f"eval_pass@{k}"] = float(passed.double().mean())

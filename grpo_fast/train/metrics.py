@@ -10,7 +10,7 @@ import torch
 
 from ..rl import informative_groups
 
-__all__ = ["MetricAccumulator", "NoSignalWarning", "rollout_metrics"]
+__all__ = ["MetricAccumulator", "NoSignalWarning", "rollout_metrics", "tool_metrics"]
 
 Number = Union[float, torch.Tensor]
 
@@ -53,7 +53,7 @@ class MetricAccumulator:
 
 def rollout_metrics(batch, names: Sequence[str], dist=None) -> Dict[str, float]:
     """Reward / length statistics of the step's global batch (the same numbers on every rank)."""
-    lengths = batch.completion_attention.sum(1).float()                         # (N,)
+    lengths = batch.sampled_mask.sum(1).float()    # (N,) the policy's tokens (TRL: tool tokens not counted)
     rewards, per_func, truncated = batch.rewards, batch.rewards_per_func, batch.truncated
     if dist is not None and dist.enabled:  # 2 + F floats per completion: gather them and compute once
         local = torch.cat([rewards.float()[:, None], per_func.float(), lengths.cpu()[:, None],
@@ -61,7 +61,25 @@ def rollout_metrics(batch, names: Sequence[str], dist=None) -> Dict[str, float]:
         full = dist.all_gather(local)                                            # (W * N, F + 3)
         rewards, per_func = full[:, 0], full[:, 1:-2]
         lengths, truncated = full[:, -2], full[:, -1] > 0.5
-    return reward_stats(rewards, per_func, lengths, truncated, batch.group_size, names)
+    out = reward_stats(rewards, per_func, lengths, truncated, batch.group_size, names)
+    if batch.sample_stats is not None:
+        out.update(tool_metrics(batch.sample_stats, dist))
+    return out
+
+
+def tool_metrics(stats: Dict[str, List[float]], dist=None, prefix: str = "") -> Dict[str, float]:
+    """A multi-turn rollout's tool metrics over every rank's samples: TRL's tools/call_frequency
+    (calls per sample) and tools/failure_frequency (failed calls / calls), and ours: tools/turns
+    (assistant turns per sample) and tools/time (seconds spent in tool calls, summed over calls:
+    concurrent calls overlap, so the wall time is less)."""
+    keys = ("tool_calls", "tool_failures", "turns", "tool_seconds")
+    totals = [float(sum(stats[k])) for k in keys] + [float(len(stats["turns"]))]
+    if dist is not None and dist.enabled:
+        totals = dist.sum_floats(totals)
+    calls, failures, turns, seconds, n = totals
+    return {f"{prefix}tools/call_frequency": calls / max(n, 1.0),
+            f"{prefix}tools/failure_frequency": failures / calls if calls else 0.0,
+            f"{prefix}tools/turns": turns / max(n, 1.0), f"{prefix}tools/time": seconds}
 
 
 def reward_stats(rewards, rewards_per_func, lengths, truncated, G: int, names: Sequence[str]) -> Dict[str, float]:

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional
 from .tracking import read_metrics
 
 # the curves of the overview grid, in order
-OVERVIEW = ["reward", "eval_reward", "kl", "entropy", "completion_length", "clip_ratio_region", "loss", "grad_norm",
-            "learning_rate", "tokens_per_s"]
+OVERVIEW = ["reward", "eval_reward", "tools/call_frequency", "kl", "entropy", "completion_length", "clip_ratio_region",
+            "loss", "grad_norm", "learning_rate", "tokens_per_s"]   # tools/: multi-turn runs
 _SKIP = {"step", "num_tokens"}
 
 

@@ -100,7 +100,9 @@ COMPLETIONS_FILE = "completions.jsonl"
 
 class CompletionLog:
     """OUTPUT_DIR/completions.jsonl: one JSON row per logged completion
-    {"step", "prompt", "completion", "rewards": {function: value}, "reward", "advantage"}.
+    {"step", "prompt", "completion", "rewards": {function: value}, "reward", "advantage"}, and for a
+    multi-turn completion "messages": the whole conversation after the prompt (assistant turns with
+    their tool_calls, tool messages); "completion" is then the last message's content.
 
     Opened at the start of train(): rows of steps after `start_step` (the checkpoint a run
     resumes from; 0 for a fresh run) are dropped, as metrics.jsonl drops its lines.
@@ -161,6 +163,28 @@ def format_completions(rows: List[Dict[str, Any]], width: int = 40) -> str:
     return "\n".join(out)
 
 
+def _jsonable_messages(messages) -> List[Dict[str, Any]]:
+    """Chat messages as JSON can hold them (a tool's content that is not text becomes its str())."""
+    return json.loads(json.dumps(list(messages), default=str))
+
+
+def format_turns(rows: List[Dict[str, Any]], width: int = 200) -> str:
+    """The conversations of completion rows, turn by turn: each message's role (and tool calls),
+    its content cut to `width` characters; a row without turns shows its completion."""
+    out = []
+    for r in rows:
+        rewards = ", ".join(f"{k}={_cell(v, 10)}" for k, v in (r.get("rewards") or {}).items())
+        out.append(f"--- step {r.get('step')} | reward {_cell(r.get('reward'), 10)} ({rewards}) | "
+                   f"advantage {_cell(r.get('advantage'), 10)}")
+        out.append(f"[prompt] {_cell(r.get('prompt'), width)}")
+        for m in r.get("messages") or [{"role": "assistant", "content": r.get("completion")}]:
+            calls = "".join(f" -> {c.get('function', c).get('name')}({json.dumps(c.get('function', c).get('arguments'))})"
+                            for c in m.get("tool_calls") or [])
+            name = f" {m['name']}" if m.get("role") == "tool" and m.get("name") else ""
+            out.append(f"[{m.get('role')}{name}] {_cell(m.get('content'), width)}{calls}")
+    return "\n".join(out)
+
+
 def completion_rows(batch, step: int, reward_names, template, dist, limit=None) -> List[Dict[str, Any]]:
     """(step, prompt, completion, each reward, advantage, log_extra columns) of the step's samples,
     every rank's (a collective under torchrun), the first `limit` of them."""
@@ -176,10 +200,12 @@ def completion_rows(batch, step: int, reward_names, template, dist, limit=None) 
     rows = []
     for i in range(len(batch)):
         p, c = batch.prompts[i], batch.completions[i]
+        turns = not isinstance(c, str) and len(c) > 1   # a multi-turn conversation: its messages are kept
         rows.append({
             "step": step,
             "prompt": p if isinstance(p, str) else template.text(p),
             "completion": c if isinstance(c, str) else c[-1]["content"],
+            **({"messages": _jsonable_messages(c)} if turns else {}),
             "rewards": {n: float(batch.rewards_per_func[i, j]) for j, n in enumerate(reward_names)},
             "reward": float(batch.rewards[i]),
             "advantage": None if adv is None else float(adv[i]),

@@ -23,7 +23,7 @@ import torch
 from ..config import ConfigError, RLConfig
 from ..model import Policy, Precision, accepts_index_logits_to_keep, checked_fused_head, prepare_policy
 from ..rewards import RewardRunner, prepare_reward_funcs
-from ..rollout import EngineSpec, PromptTemplate, RolloutEngine, SingleTurnProducer, build_engine
+from ..rollout import EngineSpec, PromptTemplate, RolloutEngine, TurnSpec, build_engine
 from . import checkpoint as ckpt
 from .algorithm import AlgorithmContext
 from .async_batches import batch_source
@@ -56,7 +56,7 @@ class Trainer:
     def __init__(self, model, reward_funcs=None, train_dataset=None, *, config: Optional[RLConfig] = None,
                  args: Optional[RLConfig] = None, tokenizer=None, processing_class=None, peft_config=None,
                  callbacks: Optional[Sequence[Any]] = None, engine: Optional[RolloutEngine] = None,
-                 eval_dataset=None, **algorithm_kwargs):
+                 eval_dataset=None, tools=None, rollout_func=None, environment_factory=None, **algorithm_kwargs):
         config = resolve_alias("config", config, "args", args)
         tokenizer = resolve_alias("tokenizer", tokenizer, "processing_class", processing_class)
         self.config = config if config is not None else self.config_class()
@@ -69,14 +69,17 @@ class Trainer:
         self.closed = False
         self._resources = contextlib.ExitStack()   # closed in one place: close()
         try:
+            # TRL's multi-turn arguments (rollout/turns.py): checked now, they pick the producer
+            turns = TurnSpec(tools, environment_factory, rollout_func, tool_call_timeout=self.config.tool_call_timeout)
+            self._resources.callback(turns.close)
             self._build(model, tokenizer, reward_funcs, train_dataset, eval_dataset, peft_config, callbacks, engine,
-                        algorithm_kwargs)
+                        algorithm_kwargs, turns)
         except BaseException:
             self.close()
             raise
 
     def _build(self, model, tokenizer, reward_funcs, train_dataset, eval_dataset, peft_config, callbacks, engine,
-               algorithm_kwargs) -> None:
+               algorithm_kwargs, turns) -> None:
         cfg = self.config
         ckpt.check_writable(cfg.output_dir)  # fails now, not after the model has loaded and a step has run
         # torchrun: join the process group (it lives until the process ends: train/distributed.py)
@@ -84,7 +87,7 @@ class Trainer:
         self.device = pick_device(cfg.device, self.dist)
         # the same seed on every rank until the policy is replicated: identical initialisation (LoRA...)
         self.rng = TrainerRNG(cfg.seed, self.device)
-        self.train_dataset = check_dataset(train_dataset)
+        self.train_dataset = check_dataset(turns.train_dataset(train_dataset, cfg.prompts_per_step))
         self.eval_dataset = None if eval_dataset is None else check_dataset(eval_dataset, "eval_dataset")
         if cfg.eval_strategy != "no" and self.eval_dataset is None:
             raise ConfigError(f"eval_strategy={cfg.eval_strategy!r} needs an eval_dataset (the trainer's argument)")
@@ -99,15 +102,16 @@ class Trainer:
         self.policy = Policy(model, tokenizer, temperature=cfg.temperature, fused_head=head,
                              index_logits_to_keep=index, precision=Precision.from_config(cfg, self.device))
         self.callbacks = Callbacks(callbacks, cfg, is_main=self.dist.is_main)
+        reward_funcs, weights = turns.reward_funcs(reward_funcs, cfg.reward_weights)   # + environments' get_reward
         funcs, names = prepare_reward_funcs(reward_funcs, device=self.device)
-        self.rewards = RewardRunner(funcs, names, cfg.reward_weights, trainer_state=self.callbacks.state)
+        self.rewards = RewardRunner(funcs, names, weights, trainer_state=self.callbacks.state)
         self._resources.callback(self.rewards.close)
         if engine is None:  # an engine the caller passed is theirs to close
             engine = build_engine(EngineSpec(model, tokenizer, cfg, self.device, self.dist.rank,
                                              self.dist.world_size, fsdp2=self.dist.mode == "fsdp2"))
             self._resources.callback(engine.close)
         self.engine = engine
-        self.producer = SingleTurnProducer(engine, self.template, device=self.device)
+        self.producer = turns.producer(engine, self.template, cfg, device=self.device, trainer=self, dist=self.dist)
         self._resources.callback(self.producer.close)
         self.sampler = PromptSampler(len(self.train_dataset), cfg.seed, cfg.shuffle_dataset)
         # max_staleness > 0: a producer thread generates ahead of the trainer (train/async_batches.py)
@@ -128,7 +132,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ what users and callbacks read
     model = property(lambda self: self.policy.model, doc="The policy (unwrapped).")
-    tokenizer = property(lambda self: self.policy.tokenizer)
+    tokenizer = processing_class = property(lambda self: self.policy.tokenizer)
+    args = property(lambda self: self.config, doc="TRL's name for the config (rollout_func reads trainer.args).")
     wrapped_model = property(lambda self: self.policy.wrapped, doc="The module gradient forwards run through.")
     ref_model = property(lambda self: self.policy.ref_model)
     optimizer = property(lambda self: self.algorithm.optimizer)
@@ -247,7 +252,7 @@ class Trainer:
         self.progress.step = step
         self.last_batch = batch if cfg.log_completions else None  # for the completion log
         dt = time.perf_counter() - t0
-        tokens = int(batch.prompt_attention.sum() + batch.completion_attention.sum())
+        tokens = int(batch.prompt_attention.sum() + batch.sampled_mask.sum())   # TRL: tool tokens not counted
         if dist.enabled:  # global tokens; the slowest rank's times
             tokens = int(dist.sum_floats([tokens])[0])
             dt, t_gen = dist.all_reduce(torch.tensor([dt, t_gen], dtype=torch.float64), "max").tolist()
