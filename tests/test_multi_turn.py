@@ -80,6 +80,8 @@ def config(tmp_path, cls=GRPOConfig, **kw):
     values = dict(output_dir=str(tmp_path / "run") if tmp_path is not None else None, learning_rate=1e-3, max_steps=1, per_device_train_batch_size=4,
                   num_generations=2, max_prompt_length=None, max_completion_length=200, save_steps=0, seed=0,
                   disable_tqdm=True, plot=False, save_final_model=False, report_to="none")
+    for name in cls.UNUSED_FIELDS:   # TRPO refuses the learning-rate fields
+        values.pop(name, None)
     values.update(kw)
     return cls(**values)
 
@@ -704,7 +706,8 @@ def worker(out):
     torch.set_num_threads(1)
     results = {}
     for mode in ("ddp", "fsdp2"):
-        cfg = config(None, output_dir=os.path.join(out, mode), max_steps=2, per_device_train_batch_size=8,
+        # one prompt of 4 samples per rank (per-device batch sizes, as TRL)
+        cfg = config(None, output_dir=os.path.join(out, mode), max_steps=2, per_device_train_batch_size=4,
                      num_generations=4, max_completion_length=96, max_tool_calling_iterations=3, distributed=mode)
         t = GRPOTrainer(os.path.join(out, "model"), turn_reward, tools_dataset(16, seed=5), args=cfg, tools=[add])
         calls, generate, eos = [], t.engine.generate, t.tokenizer.eos_token_id
