@@ -127,7 +127,7 @@ def test_async_reward_inside_a_running_event_loop(demo_parts, tmp_path):
     history = asyncio.run(notebook_cell())
     assert history[0]["reward"] == pytest.approx(0.75)
     import threading
-    assert not [t for t in threading.enumerate() if t.name.startswith("grpo_fast")]   # the worker thread ended
+    assert not [t for t in threading.enumerate() if t.name.startswith("grpo_fast-rewards")]   # the worker thread ended
 
 
 def test_async_reward_failure_names_the_sample(demo_parts, tmp_path):
